@@ -1,0 +1,21 @@
+"""vllm-expertflow: expert offloading for Mixture-of-Experts models in vLLM."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+
+def register() -> None:
+    """vLLM general-plugin entry point; runs in every vLLM process."""
+    from vllm_expertflow.vllm_adapter.plugin import register as _register
+
+    _register()
+
+
+def get_expert_cache_stats(llm: Any) -> dict[str, Any]:
+    """Cache statistics of an offline ``vllm.LLM``: totals plus a per-layer list."""
+    from vllm_expertflow.vllm_adapter.stats import get_expert_cache_stats as _get
+
+    return _get(llm)

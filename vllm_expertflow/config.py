@@ -1,0 +1,131 @@
+"""The one configuration object of expert offload.
+
+It is parsed and validated once, at startup, from ``additional_config["expert_offload"]``
+(the CLI flags write into that dict); everything else receives an
+:class:`ExpertOffloadConfig` and never re-reads raw dicts. This module imports neither
+torch nor vLLM so the front end can validate before any model is built.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+ADDITIONAL_CONFIG_KEY = "expert_offload"
+
+# Replacement policies the live cache implements; later issues add more.
+CACHE_POLICIES = ("lru",)
+
+
+class ExpertOffloadConfigError(ValueError):
+    """A bad expert-offload setting; the message names the value and the valid ones."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertOffloadConfig:
+    enabled: bool = False
+    # Exactly one of the two sizes the cache when enabled.
+    cache_slots: int | None = None  # slots per MoE layer
+    cache_gb: float | None = None  # device bytes for expert slots over all MoE layers
+    policy: str = "lru"
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> ExpertOffloadConfig:
+        raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if raw is None:
+            return cls()
+        if isinstance(raw, ExpertOffloadConfig):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ExpertOffloadConfigError(
+                f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] must be a dict, got {type(raw).__name__}: {raw!r}"
+            )
+        return cls.from_dict(raw)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> ExpertOffloadConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ExpertOffloadConfigError(
+                f"unknown expert_offload key(s) {unknown}; valid keys are {sorted(known)}"
+            )
+        config = cls(**{k: _coerce(k, v) for k, v in raw.items()})
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.policy not in CACHE_POLICIES:
+            raise ExpertOffloadConfigError(
+                f"unknown expert cache policy {self.policy!r}; valid policies are {list(CACHE_POLICIES)}"
+            )
+        if self.cache_slots is not None and self.cache_slots < 1:
+            raise ExpertOffloadConfigError(
+                f"expert cache_slots must be a positive integer, got {self.cache_slots}"
+            )
+        if self.cache_gb is not None and not (self.cache_gb > 0 and math.isfinite(self.cache_gb)):
+            raise ExpertOffloadConfigError(f"expert cache_gb must be a positive number, got {self.cache_gb}")
+        if not self.enabled:
+            return
+        if (self.cache_slots is None) == (self.cache_gb is None):
+            given = "both" if self.cache_slots is not None else "neither"
+            raise ExpertOffloadConfigError(
+                f"expert offload needs exactly one of cache_slots (--expert-cache-slots) or cache_gb "
+                f"(--expert-cache-gb); {given} given (cache_slots={self.cache_slots}, cache_gb={self.cache_gb})"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def slots_per_layer(self, *, num_experts: int, top_k: int, bytes_per_expert: int, num_moe_layers: int) -> int:
+        """Slots each MoE layer gets, checked against what a lossless cache needs.
+
+        A lossless step needs every token's top_k experts resident at once, so fewer than
+        top_k slots cannot work; more than num_experts slots waste memory and are clamped
+        (the caller warns).
+        """
+        if self.cache_slots is not None:
+            slots = self.cache_slots
+            if slots < top_k:
+                raise ExpertOffloadConfigError(
+                    f"expert cache_slots={slots} is below the model's top_k={top_k}; a lossless cache needs "
+                    f"at least top_k slots per MoE layer (valid: {top_k}..{num_experts})"
+                )
+        else:
+            assert self.cache_gb is not None
+            slots = int(self.cache_gb * 1024**3 // (bytes_per_expert * num_moe_layers))
+            if slots < top_k:
+                minimum_gb = top_k * bytes_per_expert * num_moe_layers / 1024**3
+                raise ExpertOffloadConfigError(
+                    f"expert cache_gb={self.cache_gb} gives {slots} slot(s) per MoE layer, below the model's "
+                    f"top_k={top_k}; the minimum is {minimum_gb:.6g} GB ({top_k} slots x {num_moe_layers} MoE "
+                    f"layers x {bytes_per_expert} bytes per expert)"
+                )
+        return min(slots, num_experts)
+
+
+def _coerce(key: str, value: Any) -> Any:
+    # Values arrive from JSON, dotted CLI keys (strings) or Python; normalise once here.
+    try:
+        if key == "enabled":
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return lowered in ("true", "1", "yes")
+            return bool(value)
+        if key == "cache_slots":
+            if value is None:
+                return None
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if key == "cache_gb":
+            return None if value is None else float(value)
+        if key == "policy":
+            return str(value).lower()
+    except (TypeError, ValueError):
+        raise ExpertOffloadConfigError(f"expert_offload {key}={value!r} is not a valid {key}") from None
+    return value

@@ -1,0 +1,18 @@
+"""The offload mechanism itself: torch only, never vLLM, so it runs and is tested anywhere."""
+
+from vllm_expertflow.core.expert_store import ExpertStore
+from vllm_expertflow.core.policies import POLICIES, LRUPolicy, ReplacementPolicy, make_policy
+from vllm_expertflow.core.slot_cache import ExpertSlotCache, plan_token_chunks
+from vllm_expertflow.core.slot_map import LayerCacheStats, SlotMap
+
+__all__ = [
+    "POLICIES",
+    "ExpertSlotCache",
+    "ExpertStore",
+    "LRUPolicy",
+    "LayerCacheStats",
+    "ReplacementPolicy",
+    "SlotMap",
+    "make_policy",
+    "plan_token_chunks",
+]
