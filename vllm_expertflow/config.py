@@ -15,8 +15,9 @@ from typing import Any
 
 ADDITIONAL_CONFIG_KEY = "expert_offload"
 
-# Replacement policies the live cache implements; later issues add more.
-CACHE_POLICIES = ("lru",)
+# Replacement policies the live cache can run: those that need no future knowledge or
+# warm-up data (belady and static exist for the trace-replay simulator).
+CACHE_POLICIES = ("lru", "lfu", "lfru")
 
 
 class ExpertOffloadConfigError(ValueError):

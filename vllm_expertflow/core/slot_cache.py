@@ -65,7 +65,7 @@ class ExpertSlotCache:
         stream = self._copy_stream
         if stream is None:
             for expert, slot in loads:
-                for slot_buffer, source in zip(self.slots, self.store.expert(expert)):
+                for slot_buffer, source in zip(self.slots, self.store.expert(expert), strict=True):
                     slot_buffer[slot].copy_(source)
             return
         compute_stream = torch.cuda.current_stream(self.device)
@@ -73,7 +73,7 @@ class ExpertSlotCache:
         stream.wait_stream(compute_stream)
         with torch.cuda.stream(stream):
             for expert, slot in loads:
-                for slot_buffer, source in zip(self.slots, self.store.expert(expert)):
+                for slot_buffer, source in zip(self.slots, self.store.expert(expert), strict=True):
                     slot_buffer[slot].copy_(source, non_blocking=True)
         compute_stream.wait_stream(stream)
         self._slot_table.copy_(self._slot_table_host, non_blocking=True)

@@ -1,0 +1,125 @@
+"""The expert-offloaded fused-MoE layer.
+
+``OffloadedUnquantizedFusedMoEMethod`` keeps the expert weights in host memory (they are
+created there, loaded there and prepacked there; the device never holds all of them),
+and ``OffloadedRoutedExperts`` runs vLLM's own MoE kernel on a per-layer slot cache.
+With offload off both behave exactly like the vLLM classes they subclass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_expertflow.config import ExpertOffloadConfig, ExpertOffloadConfigError
+from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
+from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_for
+from vllm_expertflow.vllm_adapter.vllm_api import (
+    RoutedExperts,
+    UnquantizedFusedMoEMethod,
+    get_current_vllm_config,
+    init_logger,
+    moe_kernel_apply,
+)
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
+
+
+def _offload_config() -> tuple[ExpertOffloadConfig, object]:
+    vllm_config = get_current_vllm_config()
+    return ExpertOffloadConfig.from_additional_config(vllm_config.additional_config), vllm_config
+
+
+class OffloadedUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
+    def __init__(self, moe) -> None:
+        super().__init__(moe)
+        self.offload, _ = _offload_config()
+        if self.offload.enabled:
+            # vLLM would move host parameters to the device to post-process them; we prepack
+            # them where they are so the full expert set never lands on the device.
+            self.requires_device_loading = False
+
+    def create_weights(self, layer, *args, **kwargs) -> None:
+        if not self.offload.enabled:
+            return super().create_weights(layer, *args, **kwargs)
+        with torch.device("cpu"):
+            super().create_weights(layer, *args, **kwargs)
+
+    def process_weights_after_loading(self, layer) -> None:
+        super().process_weights_after_loading(layer)
+        if self.offload.enabled and isinstance(layer, OffloadedRoutedExperts):
+            layer.build_expert_cache()
+
+
+class OffloadedRoutedExperts(RoutedExperts):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.expert_cache: ExpertSlotCache | None = None
+        self.offload, vllm_config = _offload_config()
+        if not self.offload.enabled:
+            return
+        if not isinstance(self.quant_method, OffloadedUnquantizedFusedMoEMethod):
+            raise ExpertOffloadConfigError(
+                f"expert offload supports unquantized MoE weights only; layer {self.layer_name} uses "
+                f"{type(self.quant_method).__name__}. Serve an unquantized (bf16/fp16/fp32) checkpoint or "
+                f"disable --enable-expert-offload"
+            )
+        if self.moe_config.has_bias:
+            raise ExpertOffloadConfigError(
+                f"expert offload does not support MoE expert biases yet (layer {self.layer_name}); "
+                f"disable --enable-expert-offload for this model"
+            )
+        if self.local_num_experts != self.global_num_experts:
+            raise ExpertOffloadConfigError(
+                f"expert offload does not support expert parallelism yet ({self.local_num_experts} local of "
+                f"{self.global_num_experts} experts on layer {self.layer_name}); disable expert parallelism"
+            )
+        self._group: ExpertCacheGroup = group_for(vllm_config)
+        self._group.add_layer(self.layer_name)
+        self._device = torch.device(vllm_config.device_config.device)
+
+    def build_expert_cache(self) -> None:
+        """Move the experts into a host store and give the layer its slots (after loading)."""
+        if self.quant_method.is_monolithic:
+            raise ExpertOffloadConfigError(
+                f"expert offload needs a modular MoE kernel, but layer {self.layer_name} selected the "
+                f"monolithic backend {self.quant_method.unquantized_backend}; choose another MoE backend"
+            )
+        on_cuda = self._device.type == "cuda"
+        store = ExpertStore([self.w13_weight.data, self.w2_weight.data], pin_memory=on_cuda)
+        num_slots = self.offload.slots_per_layer(
+            num_experts=store.num_experts,
+            top_k=self.top_k,
+            bytes_per_expert=store.bytes_per_expert,
+            num_moe_layers=self._group.num_layers,
+        )
+        self.expert_cache = ExpertSlotCache(store, num_slots, make_policy(self.offload.policy), self._device)
+        self._group.add_cache(self.layer_name, self.expert_cache, top_k=self.top_k)
+
+    def forward_modular(
+        self,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts=None,
+        shared_experts_input: torch.Tensor | None = None,
+    ):
+        cache = self.expert_cache
+        if cache is None:
+            return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        # Shared experts run once over the whole input; only the first pass takes them.
+        pending_shared = [shared_experts, shared_experts_input]
+
+        def run_kernel(hidden_states, slot_weights, weights, slot_ids):
+            shared, shared_input = pending_shared
+            pending_shared[0] = pending_shared[1] = None
+            out = moe_kernel_apply(
+                self, hidden_states, slot_weights[0], slot_weights[1], weights, slot_ids, cache.num_slots,
+                shared, shared_input,
+            )
+            if not isinstance(out, torch.Tensor):
+                raise NotImplementedError(
+                    f"expert offload needs a finalized MoE output; the kernel returned {type(out).__name__}"
+                )
+            return out
+
+        return cache.run(x, topk_weights, topk_ids, run_kernel)

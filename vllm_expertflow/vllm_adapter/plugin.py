@@ -1,0 +1,26 @@
+"""The ``vllm.general_plugins`` entry point.
+
+vLLM calls ``register()`` in every process it starts (front end, engine core, workers),
+sometimes more than once per process. It must be idempotent and cheap, and with offload
+off it changes nothing observable: the registered layer subclasses defer to vLLM's own
+code unless ``additional_config["expert_offload"]["enabled"]`` is true.
+"""
+
+from __future__ import annotations
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from vllm_expertflow.vllm_adapter import startup, vllm_api
+    from vllm_expertflow.vllm_adapter.moe import OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod
+    from vllm_expertflow.vllm_adapter.stats import worker_cache_stats
+
+    if not vllm_api.is_oot_registered("RoutedExperts"):
+        vllm_api.register_oot_layers(OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod)
+    vllm_api.WorkerBase.expertflow_cache_stats = worker_cache_stats
+    startup.install()
+    _registered = True

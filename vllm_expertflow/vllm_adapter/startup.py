@@ -1,0 +1,169 @@
+"""Front-end startup: CLI flags, and the checks that must fail before any model is built.
+
+The flags are added to vLLM's own parser and carried into
+``additional_config["expert_offload"]`` (``EngineArgs.from_cli_args`` drops names it does
+not know). The checks run in ``EngineArgs.create_engine_config``, which every entry point
+(``LLM``, ``vllm serve``, the OpenAI server module) calls in the front-end process before
+it spawns the engine: a bad setting is reported there, not as a buried worker error.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from vllm_expertflow.config import (
+    ADDITIONAL_CONFIG_KEY,
+    CACHE_POLICIES,
+    ExpertOffloadConfig,
+    ExpertOffloadConfigError,
+)
+from vllm_expertflow.vllm_adapter.stats import ensure_stats_dir, register_prometheus_collector
+from vllm_expertflow.vllm_adapter.vllm_api import EngineArgs, init_logger
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
+
+# argparse dest -> expert_offload key
+CLI_KEYS = {
+    "enable_expert_offload": "enabled",
+    "expert_cache_slots": "cache_slots",
+    "expert_cache_gb": "cache_gb",
+    "expert_cache_policy": "policy",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (slots per MoE layer), got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of GB, got {text!r}")
+    return value
+
+
+def add_cli_args(parser):
+    group = parser.add_argument_group(
+        "Expert offload (vllm-expertflow)",
+        "Keep MoE experts in host memory and a cache of expert slots on the device.",
+    )
+    group.add_argument("--enable-expert-offload", action="store_true", default=None,
+                       help="Replace the fused MoE layer by the expert-offloaded one.")
+    group.add_argument("--expert-cache-slots", type=_positive_int, default=None,
+                       help="Device expert slots per MoE layer (at least the model's top_k).")
+    group.add_argument("--expert-cache-gb", type=_positive_float, default=None,
+                       help="Device memory for expert slots over all MoE layers, in GiB. "
+                            "Give this or --expert-cache-slots, not both.")
+    group.add_argument("--expert-cache-policy", choices=CACHE_POLICIES, default=None,
+                       help="Replacement policy of the expert cache.")
+    return parser
+
+
+def carry_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
+    given = {key: getattr(args, dest) for dest, key in CLI_KEYS.items() if getattr(args, dest, None) is not None}
+    if given:
+        additional = dict(engine_args.additional_config or {})
+        additional[ADDITIONAL_CONFIG_KEY] = {**additional.get(ADDITIONAL_CONFIG_KEY, {}), **given}
+        engine_args.additional_config = additional
+    return engine_args
+
+
+def prepare_engine_args(engine_args: Any) -> ExpertOffloadConfig:
+    """Parse and normalise the offload settings before vLLM builds its config."""
+    offload = ExpertOffloadConfig.from_additional_config(engine_args.additional_config)
+    if offload.enabled:
+        engine_args.additional_config = {**engine_args.additional_config, ADDITIONAL_CONFIG_KEY: offload.to_dict()}
+        if not engine_args.enforce_eager:
+            # The cache decides residency in Python on every MoE call; CUDA graphs and
+            # torch.compile would replay a stale decision.
+            logger.warning("expert offload runs the model eagerly: enforce_eager set to True")
+            engine_args.enforce_eager = True
+    return offload
+
+
+def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
+    """Model-dependent checks, from the HF config, before any weights are read."""
+    if not offload.enabled:
+        return
+    model_config = vllm_config.model_config
+    num_experts = model_config.get_num_experts()
+    if not num_experts:
+        logger.warning(
+            "expert offload enabled, but %s has no MoE layers: serving it normally", model_config.model
+        )
+        return
+    if model_config.quantization:
+        raise ExpertOffloadConfigError(
+            f"expert offload supports unquantized MoE weights only; {model_config.model} uses "
+            f"quantization={model_config.quantization!r}. Valid: an unquantized (bf16/fp16/fp32) checkpoint"
+        )
+    top_k = model_config.get_num_experts_per_tok()
+    text_config = model_config.hf_text_config
+    if offload.cache_slots is not None and offload.cache_slots > num_experts:
+        logger.warning(
+            "expert cache_slots=%d exceeds the %d experts per layer of %s: clamped to %d",
+            offload.cache_slots, num_experts, model_config.model, num_experts,
+        )
+    offload.slots_per_layer(
+        num_experts=num_experts,
+        top_k=top_k,
+        bytes_per_expert=estimate_bytes_per_expert(text_config, model_config.dtype),
+        num_moe_layers=estimate_num_moe_layers(text_config, model_config.get_total_num_hidden_layers()),
+    )
+    stats_dir = ensure_stats_dir()
+    register_prometheus_collector(stats_dir)
+
+
+def estimate_bytes_per_expert(text_config: Any, dtype: Any) -> int:
+    # Gated experts: gate and up [I, H] plus down [H, I]. Kernel padding can add a little;
+    # the worker recomputes the exact figure from the loaded weights.
+    hidden = text_config.hidden_size
+    intermediate = getattr(text_config, "moe_intermediate_size", None) or text_config.intermediate_size
+    return 3 * hidden * intermediate * dtype.itemsize
+
+
+def estimate_num_moe_layers(text_config: Any, num_layers: int) -> int:
+    dense = set(getattr(text_config, "mlp_only_layers", None) or [])
+    sparse_step = getattr(text_config, "decoder_sparse_step", 1) or 1
+    first_dense = getattr(text_config, "first_k_dense_replace", 0) or 0
+    moe_layers = [
+        i for i in range(num_layers)
+        if i not in dense and (i + 1) % sparse_step == 0 and i >= first_dense
+    ]
+    return max(len(moe_layers), 1)
+
+
+def install() -> None:
+    """Wrap EngineArgs so the flags exist and the checks run; idempotent."""
+    if getattr(EngineArgs, "_expertflow_installed", False):
+        return
+    original_add_cli_args = EngineArgs.add_cli_args
+    original_from_cli_args = EngineArgs.from_cli_args.__func__
+    original_create_engine_config = EngineArgs.create_engine_config
+
+    def add_cli_args_with_offload(parser):
+        return add_cli_args(original_add_cli_args(parser))
+
+    def from_cli_args_with_offload(cls, args):
+        return carry_cli_args(original_from_cli_args(cls, args), args)
+
+    def create_engine_config_with_offload(self, *args, **kwargs):
+        offload = prepare_engine_args(self)
+        vllm_config = original_create_engine_config(self, *args, **kwargs)
+        check_model(offload, vllm_config)
+        return vllm_config
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_offload)
+    EngineArgs.from_cli_args = classmethod(from_cli_args_with_offload)
+    EngineArgs.create_engine_config = create_engine_config_with_offload
+    EngineArgs._expertflow_installed = True

@@ -1,0 +1,221 @@
+"""Cache statistics: per-engine groups of layer caches, their summary, and how they leave the worker.
+
+Offline, ``get_expert_cache_stats(llm)`` asks the workers over ``collective_rpc``. For
+``/metrics``, each worker's snapshot thread writes its counters to a JSON file in a
+directory the front end chose (``VLLM_EXPERTFLOW_STATS_DIR``, inherited by the engine
+processes it spawns), and a Prometheus collector in the front end reads them at scrape
+time: the counters never cross the engine's own message path, which has no field for them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from vllm_expertflow.core import ExpertSlotCache
+from vllm_expertflow.vllm_adapter.vllm_api import init_logger
+
+logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
+
+STATS_DIR_ENV = "VLLM_EXPERTFLOW_STATS_DIR"
+TOTAL_KEYS = ("hits", "misses", "loads", "bytes_loaded", "evictions", "steps", "passes")
+SNAPSHOT_INTERVAL_S = 0.2
+
+
+class ExpertCacheGroup:
+    """The offloaded MoE layers of one engine (one vLLM config) in this process."""
+
+    def __init__(self) -> None:
+        self.layer_names: list[str] = []
+        self.caches: dict[str, ExpertSlotCache] = {}
+        self.top_k = 0
+        self._writer: _SnapshotWriter | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_names)
+
+    def add_layer(self, name: str) -> None:
+        if name not in self.layer_names:
+            self.layer_names.append(name)
+
+    def add_cache(self, name: str, cache: ExpertSlotCache, *, top_k: int) -> None:
+        self.caches[name] = cache
+        self.top_k = top_k
+        if len(self.caches) == self.num_layers:
+            logger.info("%s", self.summary_line())
+            stats_dir = os.environ.get(STATS_DIR_ENV)
+            if stats_dir and self._writer is None:
+                self._writer = _SnapshotWriter(self, stats_dir)
+
+    def summary_line(self) -> str:
+        first = next(iter(self.caches.values()))
+        num_experts = first.store.num_experts
+        per_expert = first.store.bytes_per_expert
+        with_offload = sum(c.device_bytes for c in self.caches.values())
+        without = sum(c.store.num_experts * c.store.bytes_per_expert for c in self.caches.values())
+        slots = sorted({c.num_slots for c in self.caches.values()})
+        return (
+            f"expert offload: {self.num_layers} MoE layers, {num_experts} experts per layer (top_k {self.top_k}), "
+            f"{per_expert} bytes per expert, {'/'.join(map(str, slots))} slots per layer, "
+            f"device bytes for experts {with_offload} with offload vs {without} without "
+            f"({with_offload / max(without, 1):.1%}); policy {first.map.policy.name}"
+        )
+
+    def stats(self) -> dict[str, Any]:
+        layers = []
+        for name in self.layer_names:
+            cache = self.caches.get(name)
+            if cache is None:
+                continue
+            layers.append({"layer": name, "slots": cache.num_slots, **cache.stats.as_dict()})
+        totals = {key: sum(layer[key] for layer in layers) for key in TOTAL_KEYS}
+        needed = totals["hits"] + totals["misses"]
+        totals["hit_rate"] = totals["hits"] / needed if needed else 0.0
+        return {**totals, "layers": layers}
+
+
+_GROUPS: dict[int, tuple[object, ExpertCacheGroup]] = {}
+
+
+def group_for(vllm_config: object) -> ExpertCacheGroup:
+    # Keyed by the config object: a process may build several engines (tests do).
+    entry = _GROUPS.get(id(vllm_config))
+    if entry is None or entry[0] is not vllm_config:
+        entry = (vllm_config, ExpertCacheGroup())
+        _GROUPS[id(vllm_config)] = entry
+    return entry[1]
+
+
+def worker_cache_stats(worker: Any) -> dict[str, Any] | None:
+    """Installed as ``WorkerBase.expertflow_cache_stats``; runs in the worker process."""
+    entry = _GROUPS.get(id(getattr(worker, "vllm_config", None)))
+    if entry is None and _GROUPS:
+        entry = list(_GROUPS.values())[-1]
+    return entry[1].stats() if entry is not None else None
+
+
+def merge_stats(per_worker: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+    """Sum the stats of several workers (tensor-parallel ranks hold the same layer names)."""
+    by_layer: dict[str, dict[str, Any]] = {}
+    for stats in per_worker:
+        for layer in (stats or {}).get("layers", []):
+            merged = by_layer.setdefault(layer["layer"], {"layer": layer["layer"], "slots": layer["slots"]})
+            for key in TOTAL_KEYS:
+                merged[key] = merged.get(key, 0) + layer[key]
+    layers = list(by_layer.values())
+    totals: dict[str, Any] = {key: sum(layer[key] for layer in layers) for key in TOTAL_KEYS}
+    needed = totals["hits"] + totals["misses"]
+    totals["hit_rate"] = totals["hits"] / needed if needed else 0.0
+    return {**totals, "layers": layers}
+
+
+def get_expert_cache_stats(llm: Any) -> dict[str, Any]:
+    per_worker = llm.collective_rpc("expertflow_cache_stats")
+    if all(stats is None for stats in per_worker):
+        raise RuntimeError(
+            "this LLM has no expert cache: create it with additional_config={'expert_offload': "
+            "{'enabled': True, 'cache_slots': N}} on an MoE model"
+        )
+    return merge_stats(per_worker)
+
+
+# --- /metrics ----------------------------------------------------------------------------
+
+
+def ensure_stats_dir() -> str:
+    """Choose the snapshot directory in the front end, before engine processes are spawned."""
+    stats_dir = os.environ.get(STATS_DIR_ENV)
+    if not stats_dir:
+        stats_dir = tempfile.mkdtemp(prefix="vllm-expertflow-stats-")
+        os.environ[STATS_DIR_ENV] = stats_dir
+    return stats_dir
+
+
+class _SnapshotWriter:
+    """Writes the group's counters to ``<dir>/<pid>.json`` off the forward path."""
+
+    def __init__(self, group: ExpertCacheGroup, stats_dir: str) -> None:
+        self._group = group
+        self._path = os.path.join(stats_dir, f"{os.getpid()}-{id(group)}.json")
+        self._last: str | None = None
+        thread = threading.Thread(target=self._loop, name="expertflow-stats", daemon=True)
+        thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            self.write()
+            time.sleep(SNAPSHOT_INTERVAL_S)
+
+    def write(self) -> None:
+        text = json.dumps(self._group.stats())
+        if text == self._last:
+            return
+        tmp = f"{self._path}.tmp"
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self._path)
+            self._last = text
+        except OSError as exc:  # a vanished temp dir must not take the worker down
+            logger.debug("expert cache snapshot not written: %s", exc)
+
+
+def read_snapshots(stats_dir: str) -> dict[str, Any]:
+    snapshots = []
+    try:
+        names = sorted(os.listdir(stats_dir))
+    except OSError:
+        names = []
+    for name in names:
+        if not name.endswith(".json"):
+            continue
+        try:
+            with open(os.path.join(stats_dir, name)) as f:
+                snapshots.append(json.load(f))
+        except (OSError, ValueError):
+            continue  # being replaced right now; the next scrape sees it
+    return merge_stats(snapshots)
+
+
+class ExpertCacheCollector:
+    """Prometheus collector: ``vllm_expertflow_cache_*_total`` per MoE layer."""
+
+    METRICS = (
+        ("hits", "Experts a step needed that were already resident"),
+        ("misses", "Experts a step needed that had to be loaded"),
+        ("loads", "Experts copied from host memory into a device slot"),
+        ("bytes_loaded", "Bytes copied from host memory into device slots"),
+        ("evictions", "Experts evicted from a device slot"),
+    )
+
+    def __init__(self, stats_dir: str) -> None:
+        self.stats_dir = stats_dir
+
+    def collect(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        stats = read_snapshots(self.stats_dir)
+        for key, doc in self.METRICS:
+            family = CounterMetricFamily(f"vllm_expertflow_cache_{key}", doc, labels=["layer"])
+            for layer in stats["layers"]:
+                family.add_metric([layer["layer"]], layer[key])
+            yield family
+
+
+_collector_registered = False
+
+
+def register_prometheus_collector(stats_dir: str) -> None:
+    global _collector_registered
+    if _collector_registered:
+        return
+    from prometheus_client import REGISTRY
+
+    REGISTRY.register(ExpertCacheCollector(stats_dir))
+    _collector_registered = True
