@@ -57,10 +57,12 @@ class SlotMap:
         needed = list(dict.fromkeys(int(e) for e in experts))
         if len(needed) > self.num_slots:
             raise ValueError(f"{len(needed)} distinct experts needed at once but the cache has {self.num_slots} slots")
-        missing = []
+        # Check everything before changing anything: a bad request must leave the cache as it was.
         for expert in needed:
             if not 0 <= expert < self.num_experts:
                 raise ValueError(f"expert id {expert} out of range 0..{self.num_experts - 1}")
+        missing = []
+        for expert in needed:
             if expert in self._slot_of:
                 self.stats.hits += 1
                 self.policy.on_hit(expert)

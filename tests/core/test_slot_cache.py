@@ -1,0 +1,125 @@
+"""The live slot cache against a plain-dict model of what must be resident."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vllm_expertflow.core import ExpertSlotCache, ExpertStore, LRUPolicy, make_policy, plan_token_chunks
+
+
+def make_store(num_experts: int = 8, seed: int = 0) -> ExpertStore:
+    generator = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(num_experts, 6, 4, generator=generator)
+    w2 = torch.randn(num_experts, 4, 3, generator=generator)
+    return ExpertStore([w13, w2])
+
+
+def reference_moe(store: ExpertStore, x, topk_weights, topk_ids):
+    """A dense reference: each token sums its experts' (toy) outputs."""
+    w13, w2 = store.weights
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(topk_ids.shape[1]):
+            e = int(topk_ids[t, j])
+            out[t] += topk_weights[t, j] * (w13[e].sum() * x[t] + w2[e].sum())
+    return out
+
+
+def slot_kernel(x, slot_weights, topk_weights, slot_ids):
+    assert slot_ids.dtype == torch.int32
+    assert int(slot_ids.min()) >= 0, "a token was routed to a non-resident expert"
+    w13, w2 = slot_weights
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(slot_ids.shape[1]):
+            s = int(slot_ids[t, j])
+            out[t] += topk_weights[t, j] * (w13[s].sum() * x[t] + w2[s].sum())
+    return out
+
+
+steps = st.lists(
+    st.lists(st.lists(st.integers(0, 7), min_size=2, max_size=2, unique=True), min_size=1, max_size=12),
+    min_size=1,
+    max_size=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=steps, num_slots=st.integers(2, 8))
+def test_cache_matches_dict_model_and_dense_output(steps, num_slots):
+    store = make_store()
+    cache = ExpertSlotCache(store, num_slots, LRUPolicy())
+    resident: dict[int, None] = {}  # insertion order = recency, the plain model of LRU
+    expected_loads = 0
+    for step in steps:
+        topk_ids = torch.tensor(step)
+        x = torch.randn(len(step), 4)
+        topk_weights = torch.rand(len(step), 2)
+        out = cache.run(x, topk_weights, topk_ids, slot_kernel)
+        torch.testing.assert_close(out, reference_moe(store, x, topk_weights, topk_ids), rtol=0, atol=0)
+        for start, end in plan_token_chunks(step, num_slots):
+            needed = list(dict.fromkeys(e for row in step[start:end] for e in sorted(set(row))))
+            needed = sorted(set(needed))
+            for e in needed:
+                if e in resident:
+                    resident.pop(e)
+                    resident[e] = None
+            for e in needed:
+                if e not in resident:
+                    expected_loads += 1
+                    if len(resident) == num_slots:
+                        victim = next(v for v in resident if v not in needed)
+                        resident.pop(victim)
+                    resident[e] = None
+        assert set(cache.map.resident()) == set(resident)
+        # every resident expert's slot holds exactly that expert's weights
+        for expert, slot in cache.map.resident().items():
+            for slot_buffer, source in zip(cache.slots, store.expert(expert), strict=True):
+                assert torch.equal(slot_buffer[slot], source)
+    assert cache.stats.loads == expected_loads
+    assert cache.stats.bytes_loaded == expected_loads * store.bytes_per_expert
+    assert cache.stats.loads - cache.stats.evictions == len(resident)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "lfru"])
+def test_step_needing_more_experts_than_slots_is_split_and_exact(policy):
+    store = make_store()
+    cache = ExpertSlotCache(store, 2, make_policy(policy))
+    topk_ids = torch.tensor([[0, 1], [2, 3], [4, 5], [6, 7], [1, 0]])
+    x = torch.randn(5, 4)
+    w = torch.rand(5, 2)
+    out = cache.run(x, w, topk_ids, slot_kernel)
+    torch.testing.assert_close(out, reference_moe(store, x, w, topk_ids), rtol=0, atol=0)
+    assert cache.stats.steps == 1
+    assert cache.stats.passes == 5
+
+
+def test_plan_token_chunks_is_greedy_and_covers_all_tokens():
+    rows = [[0, 1], [1, 2], [3, 4], [4, 0], [5, 6]]
+    assert plan_token_chunks(rows, 3) == [(0, 2), (2, 4), (4, 5)]
+    assert plan_token_chunks(rows, 8) == [(0, 5)]
+    assert plan_token_chunks([], 2) == []
+    with pytest.raises(ValueError, match="needs 3 experts but capacity is 2"):
+        plan_token_chunks([[0, 1, 2]], 2)
+
+
+def test_bad_slot_counts_and_expert_ids_are_rejected():
+    store = make_store()
+    with pytest.raises(ValueError, match=r"num_slots must be in 1\.\.8"):
+        ExpertSlotCache(store, 9, LRUPolicy())
+    cache = ExpertSlotCache(store, 2, LRUPolicy())
+    with pytest.raises(ValueError, match="expert id 8 out of range"):
+        cache.ensure_resident([0, 8])
+    with pytest.raises(ValueError, match="3 distinct experts needed at once"):
+        cache.ensure_resident([0, 1, 2])
+    # a rejected request leaves the cache as it was
+    assert cache.map.resident() == {}
+    assert cache.stats.loads == 0
+
+
+def test_store_rejects_mismatched_expert_counts():
+    with pytest.raises(ValueError, match="expert count as its first dim"):
+        ExpertStore([torch.zeros(4, 2), torch.zeros(3, 2)])

@@ -1,0 +1,68 @@
+"""ExpertOffloadConfig: every bad setting is refused with the bad value and the valid ones."""
+
+from __future__ import annotations
+
+import pytest
+
+from vllm_expertflow.config import ExpertOffloadConfig, ExpertOffloadConfigError
+
+
+def parse(**raw):
+    return ExpertOffloadConfig.from_additional_config({"expert_offload": raw})
+
+
+def test_absent_section_means_disabled():
+    assert ExpertOffloadConfig.from_additional_config(None).enabled is False
+    assert ExpertOffloadConfig.from_additional_config({"other": 1}).enabled is False
+
+
+def test_values_from_cli_strings_are_coerced():
+    config = parse(enabled="true", cache_slots="4", policy="LRU")
+    assert (config.enabled, config.cache_slots, config.policy) == (True, 4, "lru")
+
+
+def test_unknown_policy_names_the_valid_ones():
+    with pytest.raises(ExpertOffloadConfigError, match=r"'mru'.*valid policies are \['lru', 'lfu', 'lfru'\]"):
+        parse(enabled=True, cache_slots=4, policy="mru")
+
+
+@pytest.mark.parametrize("raw, given", [({}, "neither"), ({"cache_slots": 4, "cache_gb": 1.0}, "both")])
+def test_exactly_one_of_slots_and_gb(raw, given):
+    with pytest.raises(ExpertOffloadConfigError, match=f"exactly one of cache_slots.*{given} given"):
+        parse(enabled=True, **raw)
+
+
+def test_sizes_need_not_be_given_when_disabled():
+    assert parse(enabled=False).cache_slots is None
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(ExpertOffloadConfigError, match=r"unknown expert_offload key\(s\) \['slots'\]"):
+        parse(enabled=True, slots=4)
+
+
+@pytest.mark.parametrize("raw", [{"cache_slots": 0}, {"cache_slots": 2.5}, {"cache_gb": -1}, {"cache_gb": "x"}])
+def test_non_positive_or_malformed_sizes(raw):
+    with pytest.raises(ExpertOffloadConfigError):
+        parse(enabled=True, **raw)
+
+
+def test_slots_below_top_k_name_the_valid_range():
+    config = parse(enabled=True, cache_slots=1)
+    with pytest.raises(ExpertOffloadConfigError, match=r"cache_slots=1 is below the model's top_k=2.*2\.\.16"):
+        config.slots_per_layer(num_experts=16, top_k=2, bytes_per_expert=1000, num_moe_layers=4)
+
+
+def test_budget_below_top_k_names_the_minimum_gb():
+    per_expert = 3 * 1024**2  # 3 MiB
+    config = parse(enabled=True, cache_gb=0.01)
+    with pytest.raises(ExpertOffloadConfigError, match=r"the minimum is 0\.09375 GB"):
+        config.slots_per_layer(num_experts=16, top_k=2, bytes_per_expert=per_expert, num_moe_layers=16)
+
+
+def test_budget_is_shared_over_layers_and_slots_are_clamped():
+    per_expert = 1024**2
+    config = parse(enabled=True, cache_gb=1.0)
+    assert config.slots_per_layer(num_experts=64, top_k=2, bytes_per_expert=per_expert, num_moe_layers=32) == 32
+    assert parse(enabled=True, cache_slots=99).slots_per_layer(
+        num_experts=16, top_k=2, bytes_per_expert=1, num_moe_layers=1) == 16
