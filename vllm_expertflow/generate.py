@@ -57,13 +57,11 @@ def load_requests(model: str, num_prompts: int, with_images: bool, seed: int = 1
 
 
 def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_tokens: int = 16,
-        with_images: bool = False, dtype: str = "bfloat16") -> list[dict[str, Any]]:
+        with_images: bool = False, dtype: str = "bfloat16", prompts: list[str] | None = None) -> list[dict[str, Any]]:
     _set_cpu_defaults()
     from vllm import LLM, SamplingParams
 
-    import vllm_expertflow
-
-    requests = load_requests(model, num_prompts, with_images)
+    requests = prompts if prompts is not None else load_requests(model, num_prompts, with_images)
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     results = []
     for spec in runs:
@@ -126,14 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--images", action="store_true", help="image questions (vision-language models)")
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--prompts-file", help="JSON list of prompt strings (instead of generated ones)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     try:
         runs = json.loads(args.runs)
     except json.JSONDecodeError as exc:
         parser.error(f"--runs is not valid JSON ({exc}): {args.runs!r}")
+    prompts = None
+    if args.prompts_file:
+        with open(args.prompts_file) as f:
+            prompts = json.load(f)
     results = run(args.model, runs, num_prompts=args.num_prompts, max_tokens=args.max_tokens,
-                  with_images=args.images, dtype=args.dtype)
+                  with_images=args.images, dtype=args.dtype, prompts=prompts)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(results, f)

@@ -33,7 +33,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe")
+MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense")
 
 
 def build_tokenizer(extra_special_tokens: list[str] | None = None):
@@ -59,7 +59,7 @@ def build_tokenizer(extra_special_tokens: list[str] | None = None):
 
 
 def _config(shape: str, vocab_size: int):
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3MoeConfig
+    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     common = dict(
         vocab_size=vocab_size,
@@ -86,6 +86,8 @@ def _config(shape: str, vocab_size: int):
             **common, intermediate_size=256, moe_intermediate_size=96, shared_expert_intermediate_size=160,
             num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[],
         )
+    if shape == "dense":
+        return Qwen3Config(**common, head_dim=32, intermediate_size=256)
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
 
 

@@ -1,0 +1,73 @@
+"""Bad settings fail at startup, before any weights are read, naming the value and what is valid."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.vllm.conftest import REPO
+from vllm_expertflow.tiny_models import build_tiny_moe
+
+pytestmark = pytest.mark.vllm
+
+
+def serve(*flags: str, model: str = "unused-model") -> subprocess.CompletedProcess:
+    vllm_cli = Path(sys.executable).parent / "vllm"
+    return subprocess.run([str(vllm_cli), "serve", model, *flags], capture_output=True, text=True, timeout=300,
+                          cwd=REPO)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--enable-expert-offload", "--expert-cache-slots", "4", "--expert-cache-policy", "mru"],
+     "invalid choice: 'mru' (choose from 'lru', 'lfu', 'lfru')"),
+    (["--enable-expert-offload", "--expert-cache-slots", "0"], "must be a positive integer"),
+    (["--enable-expert-offload", "--expert-cache-gb", "lots"], "must be a positive number of GB, got 'lots'"),
+])
+def test_cli_rejects_bad_flags_before_anything_starts(flags, message):
+    proc = serve(*flags)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr
+
+
+def test_cli_refuses_both_sizes_with_the_flag_names(tiny_models):
+    proc = serve("--enable-expert-offload", "--expert-cache-slots", "4", "--expert-cache-gb", "1",
+                 model=str(tiny_models["qwen3_moe"]))
+    assert proc.returncode != 0
+    output = proc.stdout + proc.stderr
+    assert "exactly one of cache_slots (--expert-cache-slots) or cache_gb (--expert-cache-gb); both given" in output
+    assert "Loading safetensors" not in output  # refused before the model was loaded
+
+
+def test_model_dependent_checks(tiny_models, tmp_path):
+    qwen3 = str(tiny_models["qwen3_moe"])
+    dense = str(build_tiny_moe("dense", tmp_path / "dense"))
+    per_layer_bytes = 3 * 128 * 96 * 2 * 4  # bytes per expert x 4 MoE layers
+    cases = [
+        (qwen3, {"enabled": True, "cache_slots": 1}),
+        (qwen3, {"enabled": True, "cache_gb": per_layer_bytes / 1024**3}),  # one slot per layer
+        (qwen3, {"enabled": True}),
+        (qwen3, {"enabled": True, "cache_slots": 99}),
+        (dense, {"enabled": True, "cache_slots": 4}),
+    ]
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("startup_probe.py")), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    report = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    below_top_k, small_budget, no_size, too_many, dense_model = report
+    assert "cache_slots=1 is below the model's top_k=2" in below_top_k["error"]
+    assert "valid: 2..16" in below_top_k["error"]
+    assert "gives 1 slot(s) per MoE layer, below the model's top_k=2; the minimum is 0.000549316 GB" in \
+        small_budget["error"]
+    assert "neither given" in no_size["error"]
+    assert too_many["ok"]
+    logs = proc.stdout + proc.stderr
+    assert "cache_slots=99 exceeds the 16 experts per layer" in logs
+    assert "16/16 slots per layer" not in logs and "16 slots per layer" in logs
+    assert dense_model["ok"]
+    assert "has no MoE layers: serving it normally" in logs
