@@ -19,3 +19,8 @@ def get_expert_cache_stats(llm: Any) -> dict[str, Any]:
     from vllm_expertflow.vllm_adapter.stats import get_expert_cache_stats as _get
 
     return _get(llm)
+
+
+def flush_expert_trace(llm: Any) -> None:
+    """Write the routing steps an offline ``vllm.LLM`` has buffered to its ``trace_dir``."""
+    llm.collective_rpc("expertflow_flush_trace")

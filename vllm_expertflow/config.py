@@ -31,6 +31,7 @@ class ExpertOffloadConfig:
     cache_slots: int | None = None  # slots per MoE layer
     cache_gb: float | None = None  # device bytes for expert slots over all MoE layers
     policy: str = "lru"
+    trace_dir: str | None = None  # record routing traces here (docs/trace-format.md)
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> ExpertOffloadConfig:
@@ -69,6 +70,11 @@ class ExpertOffloadConfig:
         if self.cache_gb is not None and not (self.cache_gb > 0 and math.isfinite(self.cache_gb)):
             raise ExpertOffloadConfigError(f"expert cache_gb must be a positive number, got {self.cache_gb}")
         if not self.enabled:
+            if self.trace_dir is not None:
+                raise ExpertOffloadConfigError(
+                    f"trace_dir={self.trace_dir!r} (--expert-trace-dir) records routing from the offloaded MoE "
+                    f"layer and needs enabled=True (--enable-expert-offload)"
+                )
             return
         if (self.cache_slots is None) == (self.cache_gb is None):
             given = "both" if self.cache_slots is not None else "neither"
@@ -127,6 +133,8 @@ def _coerce(key: str, value: Any) -> Any:
             return None if value is None else float(value)
         if key == "policy":
             return str(value).lower()
+        if key == "trace_dir":
+            return None if value in (None, "") else str(value)
     except (TypeError, ValueError):
         raise ExpertOffloadConfigError(f"expert_offload {key}={value!r} is not a valid {key}") from None
     return value

@@ -61,6 +61,8 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
     _set_cpu_defaults()
     from vllm import LLM, SamplingParams
 
+    import vllm_expertflow
+
     requests = prompts if prompts is not None else load_requests(model, num_prompts, with_images)
     sampling = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     results = []
@@ -74,9 +76,10 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
         start = time.perf_counter()
         outputs = llm.generate(requests, sampling, use_tqdm=False)
         generate_s = time.perf_counter() - start
-        stats = _stats_or_none(llm)
-        if stats is not None and before is not None:
-            stats = _subtract(stats, before)
+        total = _stats_or_none(llm)
+        stats = _subtract(total, before) if total is not None and before is not None else None
+        if offload and offload.get("trace_dir"):
+            vllm_expertflow.flush_expert_trace(llm)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         results.append({
             "name": spec.get("name", json.dumps(offload)),
@@ -86,7 +89,8 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
             "generated_tokens": sum(len(t) for t in tokens),
             "init_s": init_s,
             "generate_s": generate_s,
-            "cache": stats,
+            "cache": stats,  # the measured batch only
+            "cache_total_loads": total["loads"] if total else None,  # warm-up included
         })
         del llm
         gc.collect()

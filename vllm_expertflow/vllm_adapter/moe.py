@@ -12,12 +12,14 @@ import torch
 
 from vllm_expertflow.config import ExpertOffloadConfig, ExpertOffloadConfigError
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
-from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_for
+from vllm_expertflow.vllm_adapter.routing import SIGNATURES_ATTR
+from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_for, group_of_worker
 from vllm_expertflow.vllm_adapter.vllm_api import (
     RoutedExperts,
     UnquantizedFusedMoEMethod,
     get_current_vllm_config,
     init_logger,
+    install_worker_step_hooks,
     moe_kernel_apply,
 )
 
@@ -75,6 +77,8 @@ class OffloadedRoutedExperts(RoutedExperts):
             )
         self._group: ExpertCacheGroup = group_for(vllm_config)
         self._group.add_layer(self.layer_name)
+        self._group.trace_dir = self.offload.trace_dir
+        install_worker_step_hooks(begin_worker_step, end_worker_step)
         self._device = torch.device(vllm_config.device_config.device)
 
     def build_expert_cache(self) -> None:
@@ -106,6 +110,9 @@ class OffloadedRoutedExperts(RoutedExperts):
         cache = self.expert_cache
         if cache is None:
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        recorder = self._group.recorder
+        if recorder is not None:
+            recorder.record(self.layer_name, topk_ids)
         # Shared experts run once over the whole input; only the first pass takes them.
         pending_shared = [shared_experts, shared_experts_input]
 
@@ -123,3 +130,17 @@ class OffloadedRoutedExperts(RoutedExperts):
             return out
 
         return cache.run(x, topk_weights, topk_ids, run_kernel)
+
+
+def begin_worker_step(worker, scheduler_output) -> None:
+    group = group_of_worker(worker)
+    if group is not None and group.recorder is not None:
+        group.recorder.begin_step(scheduler_output.total_num_scheduled_tokens)
+
+
+def end_worker_step(worker, scheduler_output, req_ids: list[str]) -> dict | None:
+    group = group_of_worker(worker)
+    if group is None or group.recorder is None:
+        return None
+    signatures = group.recorder.end_step(scheduler_output, req_ids)
+    return {SIGNATURES_ATTR: signatures} if signatures else None

@@ -17,10 +17,11 @@ def register() -> None:
         return
     from vllm_expertflow.vllm_adapter import startup, vllm_api
     from vllm_expertflow.vllm_adapter.moe import OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod
-    from vllm_expertflow.vllm_adapter.stats import worker_cache_stats
+    from vllm_expertflow.vllm_adapter.stats import worker_cache_stats, worker_flush_trace
 
     if not vllm_api.is_oot_registered("RoutedExperts"):
         vllm_api.register_oot_layers(OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod)
     vllm_api.WorkerBase.expertflow_cache_stats = worker_cache_stats
+    vllm_api.WorkerBase.expertflow_flush_trace = worker_flush_trace
     startup.install()
     _registered = True

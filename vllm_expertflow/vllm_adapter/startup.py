@@ -10,6 +10,7 @@ it spawns the engine: a bad setting is reported there, not as a buried worker er
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from vllm_expertflow.config import (
@@ -29,6 +30,7 @@ CLI_KEYS = {
     "expert_cache_slots": "cache_slots",
     "expert_cache_gb": "cache_gb",
     "expert_cache_policy": "policy",
+    "expert_trace_dir": "trace_dir",
 }
 
 
@@ -66,6 +68,9 @@ def add_cli_args(parser):
                             "Give this or --expert-cache-slots, not both.")
     group.add_argument("--expert-cache-policy", choices=CACHE_POLICIES, default=None,
                        help="Replacement policy of the expert cache.")
+    group.add_argument("--expert-trace-dir", default=None,
+                       help="Record every step's routing (request, position, top-k experts per MoE layer) "
+                            "as .npz chunks in this directory; see docs/trace-format.md.")
     return parser
 
 
@@ -120,6 +125,11 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
         bytes_per_expert=estimate_bytes_per_expert(text_config, model_config.dtype),
         num_moe_layers=estimate_num_moe_layers(text_config, model_config.get_total_num_hidden_layers()),
     )
+    if offload.trace_dir and any(Path(offload.trace_dir).glob("routing-*.npz")):
+        raise ExpertOffloadConfigError(
+            f"trace_dir={offload.trace_dir!r} (--expert-trace-dir) already holds a routing trace; "
+            f"give an empty or new directory"
+        )
     stats_dir = ensure_stats_dir()
     register_prometheus_collector(stats_dir)
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from vllm_expertflow.core import ExpertSlotCache
+from vllm_expertflow.vllm_adapter.routing import RoutingRecorder
 from vllm_expertflow.vllm_adapter.vllm_api import init_logger
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
@@ -34,6 +35,8 @@ class ExpertCacheGroup:
         self.layer_names: list[str] = []
         self.caches: dict[str, ExpertSlotCache] = {}
         self.top_k = 0
+        self.recorder: RoutingRecorder | None = None
+        self.trace_dir: str | None = None
         self._writer: _SnapshotWriter | None = None
 
     @property
@@ -49,6 +52,9 @@ class ExpertCacheGroup:
         self.top_k = top_k
         if len(self.caches) == self.num_layers:
             logger.info("%s", self.summary_line())
+            self.recorder = RoutingRecorder(
+                self.layer_names, cache.store.num_experts, top_k, self.trace_dir, cache.store.bytes_per_expert
+            )
             stats_dir = os.environ.get(STATS_DIR_ENV)
             if stats_dir and self._writer is None:
                 self._writer = _SnapshotWriter(self, stats_dir)
@@ -92,12 +98,26 @@ def group_for(vllm_config: object) -> ExpertCacheGroup:
     return entry[1]
 
 
-def worker_cache_stats(worker: Any) -> dict[str, Any] | None:
-    """Installed as ``WorkerBase.expertflow_cache_stats``; runs in the worker process."""
+def group_of_worker(worker: Any) -> ExpertCacheGroup | None:
     entry = _GROUPS.get(id(getattr(worker, "vllm_config", None)))
     if entry is None and _GROUPS:
         entry = list(_GROUPS.values())[-1]
-    return entry[1].stats() if entry is not None else None
+    return entry[1] if entry is not None else None
+
+
+def worker_cache_stats(worker: Any) -> dict[str, Any] | None:
+    """Installed as ``WorkerBase.expertflow_cache_stats``; runs in the worker process."""
+    group = group_of_worker(worker)
+    return group.stats() if group is not None else None
+
+
+def worker_flush_trace(worker: Any) -> bool:
+    """Installed as ``WorkerBase.expertflow_flush_trace``: write buffered routing steps to disk."""
+    group = group_of_worker(worker)
+    if group is None or group.recorder is None or group.recorder.writer is None:
+        return False
+    group.recorder.close()
+    return True
 
 
 def merge_stats(per_worker: Iterable[dict[str, Any] | None]) -> dict[str, Any]:

@@ -57,3 +57,59 @@ def moe_kernel_apply(layer: RoutedExperts, hidden_states, w13, w2, topk_weights,
         shared_experts=shared_experts,
         shared_experts_input=shared_experts_input,
     )
+
+
+def install_worker_step_hooks(begin_step, end_step) -> None:
+    """Wrap the worker's step so ``begin_step(worker, scheduler_output)`` runs before the
+    forward pass and ``end_step(worker, scheduler_output, req_ids)`` after it.
+
+    ``end_step`` returns a dict of extra attributes for the step's ``ModelRunnerOutput``
+    (or None); they reach the scheduler's ``update_from_output`` because worker outputs
+    travel by pickle (or by reference in-process). CPUWorker inherits from the GPU Worker,
+    so one patch covers both. Idempotent.
+    """
+    import copy
+
+    from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if getattr(Worker, "_expertflow_hooked", False):
+        return
+    original_execute_model = Worker.execute_model
+    original_sample_tokens = Worker.sample_tokens
+
+    def attach(output, extra):
+        if not extra:
+            return output
+        if isinstance(output, ModelRunnerOutput):
+            output = copy.copy(output)  # the runner may reuse its output object
+            for name, value in extra.items():
+                setattr(output, name, value)
+            return output
+        if isinstance(output, AsyncModelRunnerOutput):
+            get_output = output.get_output
+            output.get_output = lambda: attach(get_output(), extra)
+        return output
+
+    def finish(worker, output):
+        pending = worker.__dict__.pop("_expertflow_pending", None)
+        if pending is None:
+            return output
+        scheduler_output = pending
+        req_ids = list(worker.model_runner.input_batch.req_ids)
+        return attach(output, end_step(worker, scheduler_output, req_ids))
+
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        begin_step(self, scheduler_output)
+        self.__dict__["_expertflow_pending"] = scheduler_output
+        output = original_execute_model(self, scheduler_output, *args, **kwargs)
+        if output is None:
+            return None  # sampling follows in sample_tokens
+        return finish(self, output)
+
+    def sample_tokens(self, *args, **kwargs):
+        return finish(self, original_sample_tokens(self, *args, **kwargs))
+
+    Worker.execute_model = execute_model
+    Worker.sample_tokens = sample_tokens
+    Worker._expertflow_hooked = True

@@ -1,0 +1,110 @@
+"""Offline throughput with expert offload off and on at 100%, 50% and 25% capacity, in one run.
+
+    python benchmarks/offline_throughput.py [--model DIR] [--num-prompts 64] [--max-tokens 64]
+
+Each setting is a fresh engine in a fresh process; plain vLLM (plugin not loaded) and
+"plugin loaded, offload off" are both measured, so the plugin's own overhead shows too.
+Every setting runs --repeats times and the median generation time is reported. Prints a
+markdown table and writes it with the raw numbers to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def generate(model: str, runs: list[dict], args, plain: bool) -> list[dict]:
+    env = dict(os.environ)
+    if plain:
+        env["VLLM_PLUGINS"] = ""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out.json"
+        cmd = [sys.executable, "-m", "vllm_expertflow.generate", "--model", model, "--runs", json.dumps(runs),
+               "--num-prompts", str(args.num_prompts), "--max-tokens", str(args.max_tokens), "--out", str(out)]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"generation failed:\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(REPO / "models" / "tiny-qwen3-moe"))
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "offline_throughput"))
+    args = parser.parse_args()
+
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    num_experts = config.get("num_experts") or config.get("num_local_experts")
+    settings = [("plain vLLM", None, True), ("plugin, offload off", None, False)] + [
+        (f"offload {pct}% ({max(num_experts * pct // 100, config['num_experts_per_tok'])} slots)",
+         {"enabled": True, "cache_slots": max(num_experts * pct // 100, config["num_experts_per_tok"])}, False)
+        for pct in (100, 50, 25)
+    ]
+    samples: dict[str, list[dict]] = {name: [] for name, _, _ in settings}
+    with tqdm(total=args.repeats * 2, desc="engine processes") as progress:
+        for _ in range(args.repeats):
+            # Interleave repeats so a slow spell on the machine hits every setting alike.
+            [plain] = generate(args.model, [{"name": settings[0][0]}], args, plain=True)
+            samples[settings[0][0]].append(plain)
+            progress.update()
+            plugin_runs = [{"name": name, "offload": offload} for name, offload, is_plain in settings if not is_plain]
+            for result in generate(args.model, plugin_runs, args, plain=False):
+                samples[result["name"]].append(result)
+            progress.update()
+
+    reference = samples[settings[0][0]][0]["tokens"]
+    baseline = statistics.median(r["generated_tokens"] / r["generate_s"] for r in samples["plugin, offload off"])
+    rows = []
+    for name, _, _ in settings:
+        runs = samples[name]
+        tok_s = statistics.median(r["generated_tokens"] / r["generate_s"] for r in runs)
+        cache = runs[0]["cache"]
+        generated = runs[0]["generated_tokens"]
+        rows.append({
+            "setting": name,
+            "tok_s": tok_s,
+            "ratio_to_offload_off": tok_s / baseline,
+            "identical_tokens": all(r["tokens"] == reference for r in runs),
+            "hit_rate": cache["hit_rate"] if cache else None,
+            "loads_per_token": cache["loads"] / generated if cache else None,
+            "bytes_loaded_per_token": cache["bytes_loaded"] / generated if cache else None,
+        })
+
+    header = "| setting | tok/s | ratio to offload off | identical tokens | hit rate | loads/token | bytes loaded/token |"
+    lines = [header, "|---|---:|---:|---|---:|---:|---:|"]
+    for row in rows:
+        def fmt(value, spec):
+            return "-" if value is None else format(value, spec)
+        lines.append(f"| {row['setting']} | {row['tok_s']:.1f} | {row['ratio_to_offload_off']:.3f} | "
+                     f"{row['identical_tokens']} | {fmt(row['hit_rate'], '.3f')} | {fmt(row['loads_per_token'], '.2f')} "
+                     f"| {fmt(row['bytes_loaded_per_token'], ',.0f')} |")
+    table = "\n".join(lines)
+    print()
+    print(f"model {args.model}: {args.num_prompts} prompts x {args.max_tokens} tokens, median of {args.repeats}")
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(
+        f"model `{Path(args.model).name}`: {args.num_prompts} prompts x {args.max_tokens} tokens, "
+        f"median of {args.repeats} runs, CPU (2 cores)\n\n{table}\n")
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
