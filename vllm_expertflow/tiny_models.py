@@ -134,3 +134,49 @@ def sample_prompts(count: int, *, seed: int = 0, min_words: int = 3, max_words: 
         ids = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
         prompts.append(" ".join(WORDS[i] for i in ids))
     return prompts
+
+
+def synthetic_image(index: int, size: int = 64):
+    """A deterministic picture of a coloured shape on a plain background (no data download)."""
+    from PIL import Image, ImageDraw
+
+    generator = torch.Generator().manual_seed(10_000 + index)
+    colours = [(220, 40, 40), (40, 180, 60), (40, 80, 220), (230, 200, 40), (20, 20, 20), (150, 150, 150)]
+    background, fill = (colours[int(i)] for i in torch.randperm(len(colours), generator=generator)[:2])
+    image = Image.new("RGB", (size, size), background)
+    draw = ImageDraw.Draw(image)
+    x0, y0 = (int(v) for v in torch.randint(4, size // 2, (2,), generator=generator))
+    x1, y1 = (int(v) for v in torch.randint(size // 2 + 4, size - 4, (2,), generator=generator))
+    shape = index % 3
+    if shape == 0:
+        draw.ellipse((x0, y0, x1, y1), fill=fill)
+    elif shape == 1:
+        draw.rectangle((x0, y0, x1, y1), fill=fill)
+    else:
+        draw.polygon([(x0, y1), (x1, y1), ((x0 + x1) // 2, y0)], fill=fill)
+    return image
+
+
+IMAGE_QUESTIONS = (
+    "What shape is in the image?",
+    "What color is the shape?",
+    "Is there a circle in the image?",
+    "Does the image contain a blue shape?",
+    "What is the color of the background?",
+)
+
+
+def sample_image_requests(model: str | os.PathLike, count: int, *, seed: int = 0) -> list[dict]:
+    """vLLM requests for a vision-language checkpoint: chat-formatted image questions of varied lengths."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    requests = []
+    for i in range(count):
+        question = IMAGE_QUESTIONS[(i + seed) % len(IMAGE_QUESTIONS)]
+        if i % 4 == 3:  # a few longer prompts, so prefill lengths vary
+            question = question + " Answer the question using a single word or phrase."
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        requests.append({"prompt": prompt, "multi_modal_data": {"image": synthetic_image(seed * 1000 + i)}})
+    return requests

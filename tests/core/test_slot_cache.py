@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_expertflow.core import ExpertSlotCache, ExpertStore, LRUPolicy, make_policy, plan_token_chunks
+from vllm_expertflow.core import ExpertSlotCache, ExpertStore, LRUPolicy, make_policy, plan_passes
 
 
 def make_store(num_experts: int = 8, seed: int = 0) -> ExpertStore:
@@ -60,9 +61,10 @@ def test_cache_matches_dict_model_and_dense_output(steps, num_slots):
         topk_weights = torch.rand(len(step), 2)
         out = cache.run(x, topk_weights, topk_ids, slot_kernel)
         torch.testing.assert_close(out, reference_moe(store, x, topk_weights, topk_ids), rtol=0, atol=0)
-        for start, end in plan_token_chunks(step, num_slots):
-            needed = list(dict.fromkeys(e for row in step[start:end] for e in sorted(set(row))))
-            needed = sorted(set(needed))
+        passes = plan_passes(np.array(step), num_slots) if len({e for r in step for e in r}) > num_slots \
+            else [np.arange(len(step))]
+        for rows in passes:
+            needed = sorted({e for i in rows for e in step[i]})
             for e in needed:
                 if e in resident:
                     resident.pop(e)
@@ -94,16 +96,29 @@ def test_step_needing_more_experts_than_slots_is_split_and_exact(policy):
     out = cache.run(x, w, topk_ids, slot_kernel)
     torch.testing.assert_close(out, reference_moe(store, x, w, topk_ids), rtol=0, atol=0)
     assert cache.stats.steps == 1
-    assert cache.stats.passes == 5
+    assert cache.stats.passes == 4  # tokens 0 and 4 use the same experts and share a pass
 
 
-def test_plan_token_chunks_is_greedy_and_covers_all_tokens():
-    rows = [[0, 1], [1, 2], [3, 4], [4, 0], [5, 6]]
-    assert plan_token_chunks(rows, 3) == [(0, 2), (2, 4), (4, 5)]
-    assert plan_token_chunks(rows, 8) == [(0, 5)]
-    assert plan_token_chunks([], 2) == []
+def test_plan_passes_covers_every_token_once_within_capacity():
+    rows = np.array([[0, 1], [2, 3], [1, 0], [3, 2], [4, 5], [0, 1]])
+    passes = plan_passes(rows, 2)
+    # tokens with the same experts share a pass, wherever they sit in the batch
+    assert [p.tolist() for p in passes] == [[0, 2, 5], [1, 3], [4]]
+    assert [p.tolist() for p in plan_passes(rows, 6)] == [[0, 1, 2, 3, 4, 5]]
+    assert plan_passes(np.zeros((0, 2), dtype=int), 2) == []
     with pytest.raises(ValueError, match="needs 3 experts but capacity is 2"):
-        plan_token_chunks([[0, 1, 2]], 2)
+        plan_passes(np.array([[0, 1, 2]]), 2)
+
+
+@settings(max_examples=50, deadline=None)
+@given(steps=steps, capacity=st.integers(2, 8))
+def test_plan_passes_partitions_rows_and_respects_capacity(steps, capacity):
+    rows = np.array([row for step in steps for row in step])
+    passes = plan_passes(rows, capacity)
+    covered = np.sort(np.concatenate(passes))
+    assert covered.tolist() == list(range(len(rows)))
+    for index in passes:
+        assert len(np.unique(rows[index])) <= capacity
 
 
 def test_bad_slot_counts_and_expert_ids_are_rejected():

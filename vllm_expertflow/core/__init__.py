@@ -11,7 +11,7 @@ from vllm_expertflow.core.policies import (
     StaticPolicy,
     make_policy,
 )
-from vllm_expertflow.core.slot_cache import ExpertSlotCache, plan_token_chunks
+from vllm_expertflow.core.slot_cache import ExpertSlotCache, plan_passes
 from vllm_expertflow.core.slot_map import LayerCacheStats, SlotMap
 from vllm_expertflow.core.trace import RoutingTrace, TraceWriter, read_trace
 
@@ -31,5 +31,5 @@ __all__ = [
     "ReplacementPolicy",
     "SlotMap",
     "make_policy",
-    "plan_token_chunks",
+    "plan_passes",
 ]

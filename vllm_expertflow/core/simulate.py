@@ -3,8 +3,8 @@
 Each layer's steps are replayed through ``SlotMap``, the bookkeeping the live cache
 uses, so a policy's loads here are the loads it makes in ``ExpertSlotCache``. As in
 the live cache, a layer needs the union of a step's experts resident at once, and a
-step whose union exceeds the slots runs in passes over consecutive token chunks
-(``plan_token_chunks``).
+step whose union exceeds the slots runs in passes over token subsets
+(``plan_passes``).
 
 Budget modes:
 
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from vllm_expertflow.core.policies import POLICIES, BeladyPolicy, StaticPolicy, make_policy
-from vllm_expertflow.core.slot_cache import plan_token_chunks
+from vllm_expertflow.core.slot_cache import plan_passes
 from vllm_expertflow.core.slot_map import LayerCacheStats, SlotMap
 from vllm_expertflow.core.trace import RoutingTrace, read_trace
 
@@ -146,11 +146,11 @@ def layer_passes(trace: RoutingTrace, layer: int, capacity: int) -> list[list[in
 
 
 def _step_passes(rows: np.ndarray, capacity: int) -> list[list[int]]:
-    # rows: [step_tokens, top_k]. Mirrors ExpertSlotCache.run: one pass if the union fits, else chunks.
+    # rows: [step_tokens, top_k]. Mirrors ExpertSlotCache.run: one pass if the union fits, else planned passes.
     needed = np.unique(rows).tolist()
     if len(needed) <= capacity:
         return [needed]
-    return [np.unique(rows[start:end]).tolist() for start, end in plan_token_chunks(rows.tolist(), capacity)]
+    return [np.unique(rows[index]).tolist() for index in plan_passes(rows, capacity)]
 
 
 def _replay_layer(

@@ -3,15 +3,16 @@
 The cache is lossless: before the expert kernel runs, every expert the step's tokens
 were routed to is resident, and ``topk_ids`` are rewritten to slot ids so the kernel
 runs on the slot buffers as if the layer had only ``num_slots`` experts. A step whose
-tokens need more distinct experts than there are slots runs in several passes over
-consecutive token chunks; each row's result does not depend on the other rows of the
-batch, so the output equals the one-pass output exactly.
+tokens need more distinct experts than there are slots runs in several passes, each over
+a subset of the tokens whose experts fit (``plan_passes``); each row's result does not
+depend on the other rows of the batch, so the output equals the one-pass output exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 from vllm_expertflow.core.expert_store import ExpertStore
@@ -102,19 +103,21 @@ class ExpertSlotCache:
         needed = torch.unique(topk_ids).tolist()
         if len(needed) <= self.num_slots:
             return self._run_pass(hidden_states, topk_weights, topk_ids, needed, expert_kernel)
-        outputs = []
-        for start, end in plan_token_chunks(topk_ids.tolist(), self.num_slots):
-            chunk_ids = topk_ids[start:end]
-            outputs.append(
-                self._run_pass(
-                    hidden_states[start:end],
-                    topk_weights[start:end],
-                    chunk_ids,
-                    torch.unique(chunk_ids).tolist(),
-                    expert_kernel,
-                )
+        output = None
+        for rows in plan_passes(topk_ids.cpu().numpy(), self.num_slots):
+            index = torch.from_numpy(rows).to(topk_ids.device)
+            pass_ids = topk_ids.index_select(0, index)
+            pass_output = self._run_pass(
+                hidden_states.index_select(0, index),
+                topk_weights.index_select(0, index),
+                pass_ids,
+                torch.unique(pass_ids).tolist(),
+                expert_kernel,
             )
-        return torch.cat(outputs, dim=0)
+            if output is None:
+                output = pass_output.new_empty((hidden_states.shape[0], *pass_output.shape[1:]))
+            output.index_copy_(0, index, pass_output)
+        return output
 
     def _run_pass(self, hidden_states, topk_weights, topk_ids, needed, expert_kernel) -> torch.Tensor:
         self.map.stats.passes += 1
@@ -122,23 +125,37 @@ class ExpertSlotCache:
         return expert_kernel(hidden_states, self.slots, topk_weights, self.slot_ids(topk_ids))
 
 
-def plan_token_chunks(topk_rows: Sequence[Sequence[int]], capacity: int) -> list[tuple[int, int]]:
-    """Split tokens into consecutive ``[start, end)`` chunks whose expert union fits ``capacity``.
+def plan_passes(topk_rows: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Split a step's tokens into passes whose expert union fits ``capacity`` slots.
 
-    Greedy: each chunk grows until the next token would overflow it, which gives the
-    fewest chunks among splits into consecutive runs.
+    topk_rows: ``[num_tokens, top_k]`` expert ids. Returns each pass's row indices
+    (ascending). Any split is exact, because a row's result does not depend on the other
+    rows; this one keeps passes few and loads low by grouping tokens that use the same
+    experts: tokens are grouped by expert set, the groups sorted lexicographically (so
+    neighbours share experts), and packed greedily. It depends on the rows alone, so the
+    trace simulator plans exactly as the live cache does.
     """
-    chunks = []
-    start = 0
+    rows = np.asarray(topk_rows)
+    if rows.ndim != 2:
+        raise ValueError(f"topk_rows must be [num_tokens, top_k], got shape {rows.shape}")
+    if rows.shape[0] == 0:
+        return []
+    keys = np.sort(rows, axis=1)
+    groups, inverse = np.unique(keys, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    passes: list[list[int]] = []
     union: set[int] = set()
-    for index, row in enumerate(topk_rows):
-        row_experts = set(row)
-        if len(row_experts) > capacity:
-            raise ValueError(f"token {index} needs {len(row_experts)} experts but capacity is {capacity}")
-        if len(union | row_experts) > capacity:
-            chunks.append((start, index))
-            start, union = index, set()
-        union |= row_experts
-    if start < len(topk_rows):
-        chunks.append((start, len(topk_rows)))
-    return chunks
+    for group_index, group in enumerate(groups.tolist()):
+        experts = set(group)
+        if len(experts) > capacity:
+            raise ValueError(f"a token needs {len(experts)} experts but capacity is {capacity}")
+        if not passes or len(union | experts) > capacity:
+            passes.append([])
+            union = set()
+        passes[-1].append(group_index)
+        union |= experts
+    pass_of_group = np.empty(len(groups), dtype=np.int64)
+    for pass_index, members in enumerate(passes):
+        pass_of_group[members] = pass_index
+    pass_of_row = pass_of_group[inverse]
+    return [np.flatnonzero(pass_of_row == p) for p in range(len(passes))]
