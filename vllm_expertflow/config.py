@@ -15,6 +15,9 @@ from typing import Any
 
 ADDITIONAL_CONFIG_KEY = "expert_offload"
 
+# How the scheduler composes each step when offload is on.
+SCHEDULING_POLICIES = ("expertflow", "fcfs")
+
 # Replacement policies the live cache can run: those that need no future knowledge or
 # warm-up data (belady and static exist for the trace-replay simulator).
 CACHE_POLICIES = ("lru", "lfu", "lfru")
@@ -32,6 +35,8 @@ class ExpertOffloadConfig:
     cache_gb: float | None = None  # device bytes for expert slots over all MoE layers
     policy: str = "lru"
     trace_dir: str | None = None  # record routing traces here (docs/trace-format.md)
+    scheduling: str = "expertflow"  # step composition: expert-aware grouping or vLLM's own FCFS
+    max_skip_steps: int = 2  # fairness: a running request sits out at most this many consecutive steps
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> ExpertOffloadConfig:
@@ -63,6 +68,12 @@ class ExpertOffloadConfig:
             raise ExpertOffloadConfigError(
                 f"unknown expert cache policy {self.policy!r}; valid policies are {list(CACHE_POLICIES)}"
             )
+        if self.scheduling not in SCHEDULING_POLICIES:
+            raise ExpertOffloadConfigError(
+                f"unknown expert scheduling {self.scheduling!r}; valid choices are {list(SCHEDULING_POLICIES)}"
+            )
+        if self.max_skip_steps < 0:
+            raise ExpertOffloadConfigError(f"max_skip_steps must be >= 0, got {self.max_skip_steps}")
         if self.cache_slots is not None and self.cache_slots < 1:
             raise ExpertOffloadConfigError(
                 f"expert cache_slots must be a positive integer, got {self.cache_slots}"
@@ -133,6 +144,12 @@ def _coerce(key: str, value: Any) -> Any:
             return None if value is None else float(value)
         if key == "policy":
             return str(value).lower()
+        if key == "scheduling":
+            return str(value).lower()
+        if key == "max_skip_steps":
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
         if key == "trace_dir":
             return None if value in (None, "") else str(value)
     except (TypeError, ValueError):

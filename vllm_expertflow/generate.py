@@ -81,6 +81,7 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
         if offload and offload.get("trace_dir"):
             vllm_expertflow.flush_expert_trace(llm)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        scheduling = _scheduling_stats(llm)
         results.append({
             "name": spec.get("name", json.dumps(offload)),
             "offload": offload,
@@ -91,10 +92,27 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
             "generate_s": generate_s,
             "cache": stats,  # the measured batch only
             "cache_total_loads": total["loads"] if total else None,  # warm-up included
+            "scheduling": scheduling,
         })
         del llm
         gc.collect()
     return results
+
+
+def _scheduling_stats(llm) -> dict[str, Any] | None:
+    from vllm_expertflow.vllm_adapter.vllm_api import inprocess_scheduler
+
+    scheduler = inprocess_scheduler(llm)
+    seconds = list(getattr(scheduler, "grouping_seconds", []))
+    if not seconds:
+        return None
+    held = list(scheduler.held_per_step)
+    return {
+        "grouped_steps": len(seconds),
+        "steps_with_held_requests": sum(1 for h in held if h),
+        "grouping_ms_median": 1e3 * sorted(seconds)[len(seconds) // 2],
+        "grouping_ms_max": 1e3 * max(seconds),
+    }
 
 
 def _stats_or_none(llm) -> dict[str, Any] | None:

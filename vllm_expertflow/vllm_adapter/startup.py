@@ -16,6 +16,7 @@ from typing import Any
 from vllm_expertflow.config import (
     ADDITIONAL_CONFIG_KEY,
     CACHE_POLICIES,
+    SCHEDULING_POLICIES,
     ExpertOffloadConfig,
     ExpertOffloadConfigError,
 )
@@ -31,6 +32,8 @@ CLI_KEYS = {
     "expert_cache_gb": "cache_gb",
     "expert_cache_policy": "policy",
     "expert_trace_dir": "trace_dir",
+    "expert_scheduling": "scheduling",
+    "expert_scheduling_max_skip": "max_skip_steps",
 }
 
 
@@ -41,6 +44,16 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (slots per MoE layer), got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (steps), got {text!r}")
     return value
 
 
@@ -68,6 +81,12 @@ def add_cli_args(parser):
                             "Give this or --expert-cache-slots, not both.")
     group.add_argument("--expert-cache-policy", choices=CACHE_POLICIES, default=None,
                        help="Replacement policy of the expert cache.")
+    group.add_argument("--expert-scheduling", choices=SCHEDULING_POLICIES, default=None,
+                       help="Step composition with offload on: 'expertflow' (default) groups requests that use "
+                            "the same experts; 'fcfs' keeps vLLM's own order.")
+    group.add_argument("--expert-scheduling-max-skip", type=_non_negative_int, default=None,
+                       help="Fairness bound of expertflow scheduling: a running request sits out at most this "
+                            "many consecutive steps (default 2).")
     group.add_argument("--expert-trace-dir", default=None,
                        help="Record every step's routing (request, position, top-k experts per MoE layer) "
                             "as .npz chunks in this directory; see docs/trace-format.md.")
@@ -130,8 +149,27 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             f"trace_dir={offload.trace_dir!r} (--expert-trace-dir) already holds a routing trace; "
             f"give an empty or new directory"
         )
+    install_scheduler(offload, vllm_config)
     stats_dir = ensure_stats_dir()
     register_prometheus_collector(stats_dir)
+
+
+def install_scheduler(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
+    """Use the expert-aware scheduler matching vLLM's choice of sync or async scheduling."""
+    from vllm_expertflow.vllm_adapter.scheduler import SCHEDULER_CLASSES
+
+    scheduler_config = vllm_config.scheduler_config
+    ours = SCHEDULER_CLASSES[bool(scheduler_config.async_scheduling)]
+    user_choice = scheduler_config.scheduler_cls
+    if user_choice is not None and user_choice not in SCHEDULER_CLASSES.values():
+        if offload.scheduling == "fcfs":
+            return  # the user's scheduler composes steps; the cache works under any order
+        raise ExpertOffloadConfigError(
+            f"--scheduler-cls {user_choice!r} cannot be combined with --enable-expert-offload, which installs "
+            f"its own scheduler ({ours}); drop --scheduler-cls, or keep vLLM's order with "
+            f"--expert-scheduling fcfs"
+        )
+    scheduler_config.scheduler_cls = ours
 
 
 def estimate_bytes_per_expert(text_config: Any, dtype: Any) -> int:

@@ -16,6 +16,10 @@ from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import ( 
     UnquantizedFusedMoEMethod,
 )
 
+# The schedulers the expert-aware ones extend (--scheduler-cls takes a qualified name).
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: F401
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
+
 # The worker base class: collective_rpc("name") looks methods up on it.
 from vllm.v1.worker.worker_base import WorkerBase  # noqa: F401
 
@@ -113,3 +117,10 @@ def install_worker_step_hooks(begin_step, end_step) -> None:
     Worker.execute_model = execute_model
     Worker.sample_tokens = sample_tokens
     Worker._expertflow_hooked = True
+
+
+def inprocess_scheduler(llm):
+    """The scheduler object of an offline LLM whose engine core runs in this process, else None."""
+    engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    core = getattr(engine_core, "engine_core", None)
+    return getattr(core, "scheduler", None)

@@ -1,0 +1,121 @@
+"""Expert-aware step composition for vLLM's continuous batching.
+
+``--enable-expert-offload`` installs these schedulers (``startup.py``). Each step, the
+running requests are offered to ``ExpertAwareGrouper``, which picks those whose experts
+overlap (so the step's working set fits the slots) while guaranteeing that no request
+sits out more than ``max_skip_steps`` consecutive steps and that priorities hold. The
+rest are hidden from vLLM's own ``schedule()`` for that step and put back afterwards,
+keeping their KV blocks and state. Expert signatures come back from the workers on each
+``ModelRunnerOutput`` (``routing.py``); a new request borrows the signature of the last
+request that started with the same prompt prefix, else it is neutral.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any
+
+import numpy as np
+
+from vllm_expertflow.config import ExpertOffloadConfig
+from vllm_expertflow.core.grouping import ExpertAwareGrouper, GroupingConfig, RequestView
+from vllm_expertflow.vllm_adapter.routing import SIGNATURES_ATTR
+from vllm_expertflow.vllm_adapter.vllm_api import AsyncScheduler, Scheduler, init_logger
+
+logger = init_logger(f"vllm.{__name__}")
+
+PREFIX_TOKENS = 16  # prompt tokens that key the signature guess for new requests
+
+
+class ExpertAwareSchedulingMixin:
+    """Wraps ``schedule`` and ``update_from_output`` of a vLLM scheduler class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        offload = ExpertOffloadConfig.from_additional_config(self.vllm_config.additional_config)
+        self._grouping_on = offload.enabled and offload.scheduling == "expertflow"
+        self._grouper = ExpertAwareGrouper(
+            GroupingConfig(capacity=offload.cache_slots, max_skip_steps=offload.max_skip_steps)
+        )
+        self._signatures: dict[str, np.ndarray] = {}
+        self._prefix_signatures: dict[tuple[int, ...], np.ndarray] = {}
+        self._step = 0
+        # Seconds spent choosing each step's requests; the benchmark reads them.
+        self.grouping_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
+        self.held_per_step: collections.deque[int] = collections.deque(maxlen=100_000)
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        if not self._grouping_on or len(self.running) < 2:
+            return super().schedule(*args, **kwargs)
+        start = time.perf_counter()
+        views = [self._view(request) for request in self.running]
+        chosen = self._grouper.select(views, self._step)
+        self._step += 1
+        by_id = {request.request_id: request for request in self.running}
+        chosen_ids = set(chosen)
+        held = [request for request in self.running if request.request_id not in chosen_ids]
+        self.grouping_seconds.append(time.perf_counter() - start)
+        self.held_per_step.append(len(held))
+        if not held:
+            return super().schedule(*args, **kwargs)
+        self.running = [by_id[request_id] for request_id in chosen]
+        running_limit = self.max_num_running_reqs
+        # Held requests still occupy running places: admit no more than the places left.
+        self.max_num_running_reqs = running_limit - len(held)
+        try:
+            output = super().schedule(*args, **kwargs)
+        finally:
+            self.max_num_running_reqs = running_limit
+            self.running = self.running + held
+        return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        signatures = getattr(model_runner_output, SIGNATURES_ATTR, None)
+        if signatures:
+            self._signatures.update(signatures)
+            for request_id, signature in signatures.items():
+                request = self.requests.get(request_id)
+                if request is not None and request.num_output_tokens == 0:
+                    self._prefix_signatures[_prefix_key(request)] = signature
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for request_id in scheduler_output.finished_req_ids:
+            self._forget(request_id)
+        if len(self._signatures) > 2 * max(len(self.requests), 64):
+            for request_id in [r for r in self._signatures if r not in self.requests]:
+                self._forget(request_id)
+        return outputs
+
+    def _forget(self, request_id: str) -> None:
+        self._signatures.pop(request_id, None)
+        self._grouper.forget(request_id)
+
+    def _view(self, request) -> RequestView:
+        signature = self._signatures.get(request.request_id)
+        if signature is None:
+            signature = self._prefix_signatures.get(_prefix_key(request))
+        return RequestView(
+            request_id=request.request_id,
+            priority=request.priority,
+            arrival_time=request.arrival_time,
+            signature=signature,
+            num_tokens=max(1, request.num_tokens - request.num_computed_tokens),
+        )
+
+
+def _prefix_key(request) -> tuple[int, ...]:
+    return tuple(request.prompt_token_ids[:PREFIX_TOKENS] if request.prompt_token_ids is not None else ())
+
+
+class ExpertAwareScheduler(ExpertAwareSchedulingMixin, Scheduler):
+    """vLLM's synchronous scheduler (the CPU backend's) with expert-aware step composition."""
+
+
+class AsyncExpertAwareScheduler(ExpertAwareSchedulingMixin, AsyncScheduler):
+    """vLLM's asynchronous scheduler (the GPU default) with expert-aware step composition."""
+
+
+SCHEDULER_CLASSES = {
+    False: f"{__name__}.ExpertAwareScheduler",
+    True: f"{__name__}.AsyncExpertAwareScheduler",
+}
