@@ -15,6 +15,10 @@ from typing import Any
 
 ADDITIONAL_CONFIG_KEY = "expert_offload"
 
+# What the layer does with experts that are not resident. Only "exact" is lossless; the
+# others exist for the accuracy study and change the model's outputs.
+MISS_POLICIES = ("exact", "skip", "substitute")
+
 # How the scheduler composes each step when offload is on.
 SCHEDULING_POLICIES = ("expertflow", "fcfs")
 
@@ -36,6 +40,7 @@ class ExpertOffloadConfig:
     policy: str = "lru"
     trace_dir: str | None = None  # record routing traces here (docs/trace-format.md)
     scheduling: str = "expertflow"  # step composition: expert-aware grouping or vLLM's own FCFS
+    miss_policy: str = "exact"  # lossy "skip"/"substitute" only for the accuracy study
     max_skip_steps: int = 2  # fairness: a running request sits out at most this many consecutive steps
 
     @classmethod
@@ -71,6 +76,11 @@ class ExpertOffloadConfig:
         if self.scheduling not in SCHEDULING_POLICIES:
             raise ExpertOffloadConfigError(
                 f"unknown expert scheduling {self.scheduling!r}; valid choices are {list(SCHEDULING_POLICIES)}"
+            )
+        if self.miss_policy not in MISS_POLICIES:
+            raise ExpertOffloadConfigError(
+                f"unknown expert miss policy {self.miss_policy!r}; valid choices are {list(MISS_POLICIES)} "
+                f"(only 'exact' is lossless)"
             )
         if self.max_skip_steps < 0:
             raise ExpertOffloadConfigError(f"max_skip_steps must be >= 0, got {self.max_skip_steps}")
@@ -144,7 +154,7 @@ def _coerce(key: str, value: Any) -> Any:
             return None if value is None else float(value)
         if key == "policy":
             return str(value).lower()
-        if key == "scheduling":
+        if key in ("scheduling", "miss_policy"):
             return str(value).lower()
         if key == "max_skip_steps":
             if isinstance(value, float) and not value.is_integer():

@@ -138,3 +138,50 @@ def test_bad_slot_counts_and_expert_ids_are_rejected():
 def test_store_rejects_mismatched_expert_counts():
     with pytest.raises(ValueError, match="expert count as its first dim"):
         ExpertStore([torch.zeros(4, 2), torch.zeros(3, 2)])
+
+
+def test_skip_drops_missing_experts_and_rescales_weights():
+    store = make_store()
+    cache = ExpertSlotCache(store, 3, LRUPolicy())
+    cache.ensure_resident([0, 1])
+    topk_ids = torch.tensor([[0, 5], [1, 0], [6, 7]])
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]])
+    x = torch.randn(3, 4)
+    out = cache.run_lossy(x, weights, topk_ids, slot_kernel, "skip")
+    # token 0 keeps expert 0 with all of its weight; token 1 is complete
+    torch.testing.assert_close(out[0], reference_moe(store, x[:1], torch.tensor([[1.0]]), torch.tensor([[0]]))[0])
+    torch.testing.assert_close(out[1], reference_moe(store, x[1:2], weights[1:2], topk_ids[1:2])[0])
+    # token 2 had no resident expert: its top-1 (6) was loaded on demand and carries its weight
+    torch.testing.assert_close(out[2], reference_moe(store, x[2:], torch.tensor([[1.0]]), torch.tensor([[6]]))[0])
+
+
+def test_substitute_uses_the_best_scored_resident_expert():
+    store = make_store()
+    cache = ExpertSlotCache(store, 3, LRUPolicy())
+    cache.ensure_resident([0, 1, 2])
+    topk_ids = torch.tensor([[0, 5]])
+    weights = torch.tensor([[0.6, 0.4]])
+    scores = torch.tensor([[9.0, 1.0, 3.0, 0.0, 0.0, 8.0, 0.0, 0.0]])  # 5 missing; best resident unused: 2
+    x = torch.randn(1, 4)
+    out = cache.run_lossy(x, weights, topk_ids, slot_kernel, "substitute", router_scores=scores)
+    torch.testing.assert_close(out, reference_moe(store, x, weights, torch.tensor([[0, 2]])))
+
+
+def test_lossy_step_loads_demanded_experts_for_later_and_rejects_unknown_policy():
+    store = make_store()
+    cache = ExpertSlotCache(store, 2, LRUPolicy())
+    cache.ensure_resident([0, 1])
+    topk_ids = torch.tensor([[4, 5], [4, 5], [4, 0]])
+    cache.run_lossy(torch.randn(3, 4), torch.full((3, 2), 0.5), topk_ids, slot_kernel, "skip")
+    assert set(cache.map.resident()) == {4, 5}  # the most demanded experts, ready for the next step
+
+
+def test_lossy_step_runs_exactly_when_forced_loads_do_not_fit():
+    store = make_store()
+    cache = ExpertSlotCache(store, 2, LRUPolicy())
+    topk_ids = torch.tensor([[0, 1], [2, 3], [4, 5]])  # cold cache, three orphan tokens
+    x, w = torch.randn(3, 4), torch.rand(3, 2)
+    out = cache.run_lossy(x, w, topk_ids, slot_kernel, "skip")
+    torch.testing.assert_close(out, reference_moe(store, x, w, topk_ids), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="valid: \\['skip', 'substitute'\\]"):
+        cache.run_lossy(torch.randn(1, 4), torch.ones(1, 2), topk_ids[:1], slot_kernel, "drop")

@@ -19,6 +19,8 @@ from vllm_expertflow.core.expert_store import ExpertStore
 from vllm_expertflow.core.policies import ReplacementPolicy
 from vllm_expertflow.core.slot_map import LayerCacheStats, SlotMap
 
+LOSSY_MISS_POLICIES = ("skip", "substitute")
+
 # expert_kernel(hidden_states [T, H], slot_weights, topk_weights [T, K], slot_ids [T, K] int32) -> [T, H]
 ExpertKernel = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -38,7 +40,7 @@ class ExpertSlotCache:
         self.num_slots = num_slots
         self.device = torch.device(device)
         self.slots = [
-            torch.empty((num_slots, *w.shape[1:]), dtype=w.dtype, device=self.device) for w in store.weights
+            torch.zeros((num_slots, *w.shape[1:]), dtype=w.dtype, device=self.device) for w in store.weights
         ]
         # expert id -> slot id (-1: not resident). Kept on the host and mirrored to the device
         # once per pass, so a pass costs one small copy rather than one per load.
@@ -118,6 +120,80 @@ class ExpertSlotCache:
                 output = pass_output.new_empty((hidden_states.shape[0], *pass_output.shape[1:]))
             output.index_copy_(0, index, pass_output)
         return output
+
+    def run_lossy(
+        self,
+        hidden_states: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        expert_kernel: ExpertKernel,
+        miss_policy: str,
+        router_scores: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run without waiting for misses: LOSSY, for the accuracy study only, never the default.
+
+        miss_policy ``skip``: experts that are not resident are dropped and each token's
+        remaining routing weights are rescaled to the original total. ``substitute``: a
+        missing expert is replaced by the resident expert the router scored highest
+        (``router_scores: [num_tokens, num_experts]``) among those the token does not use,
+        with the original weight; with no candidate it is skipped.
+        A token none of whose experts is resident gets its top-1 expert loaded on demand,
+        so no token loses its whole expert output. After the step the step's most demanded
+        experts are loaded for the next steps (background loads: they count as loads, but
+        the step did not wait for them). If the forced loads alone exceed the slots (a cold
+        cache meeting a large prefill), the step runs exactly instead.
+        """
+        if miss_policy not in LOSSY_MISS_POLICIES:
+            raise ValueError(f"unknown lossy miss policy {miss_policy!r}; valid: {list(LOSSY_MISS_POLICIES)}")
+        if miss_policy == "substitute" and router_scores is None:
+            raise ValueError("miss_policy 'substitute' needs router_scores [num_tokens, num_experts]")
+        table = self._slot_table_host.to(topk_ids.device)
+        resident = table[topk_ids.long()] >= 0  # [T, K]
+        used = set(torch.unique(topk_ids[resident]).tolist())
+        orphans = ~resident.any(dim=1)
+        forced: set[int] = set()
+        if bool(orphans.any()):
+            top1 = topk_ids.gather(1, topk_weights.argmax(dim=1, keepdim=True)).squeeze(1)
+            forced = set(torch.unique(top1[orphans]).tolist())
+        if len(used | forced) > self.num_slots:
+            return self.run(hidden_states, topk_weights, topk_ids, expert_kernel)
+        self.map.stats.steps += 1
+        self.map.stats.passes += 1
+        self.ensure_resident(sorted(used | forced))
+        table = self.slot_table_for(topk_ids.device)
+        ids = topk_ids.long()
+        available = table[ids] >= 0
+        weights = topk_weights
+        if miss_policy == "substitute" and not bool(available.all()):
+            ids = ids.clone()
+            scores = router_scores.float().clone()
+            # Candidates: resident experts the token does not already use.
+            resident_mask = (table >= 0).to(scores.device)
+            scores[:, ~resident_mask] = float("-inf")
+            scores.scatter_(1, topk_ids.long(), float("-inf"))
+            for column in range(ids.shape[1]):
+                missing = ~available[:, column]
+                if not bool(missing.any()):
+                    continue
+                best_score, best = scores.max(dim=1)
+                take = missing & torch.isfinite(best_score)
+                ids[take, column] = best[take]
+                available[take, column] = True
+                scores[take, best[take]] = float("-inf")  # no expert twice for one token
+        if not bool(available.all()):
+            kept = topk_weights * available
+            scale = topk_weights.sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp_min(1e-20)
+            weights = (kept * scale).to(topk_weights.dtype)
+        # A dropped entry points at slot 0 (loaded first, zero-initialised) with weight zero.
+        slot_ids = torch.where(available, table[ids], torch.zeros_like(table[ids]))
+        output = expert_kernel(hidden_states, self.slots, weights, slot_ids)
+        demand = torch.bincount(topk_ids.reshape(-1).long(), minlength=self.store.num_experts)
+        upcoming = torch.argsort(demand, descending=True, stable=True)[: self.num_slots]
+        self.ensure_resident([e for e in upcoming.tolist() if demand[e] > 0])
+        return output
+
+    def slot_table_for(self, device: torch.device) -> torch.Tensor:
+        return self._slot_table_host if device.type == "cpu" else self._slot_table
 
     def _run_pass(self, hidden_states, topk_weights, topk_ids, needed, expert_kernel) -> torch.Tensor:
         self.map.stats.passes += 1

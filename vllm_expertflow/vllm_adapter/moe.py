@@ -19,6 +19,7 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
     UnquantizedFusedMoEMethod,
     get_current_vllm_config,
     init_logger,
+    install_router_logits_capture,
     install_worker_step_hooks,
     moe_kernel_apply,
 )
@@ -79,6 +80,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._group.add_layer(self.layer_name)
         self._group.trace_dir = self.offload.trace_dir
         install_worker_step_hooks(begin_worker_step, end_worker_step)
+        if self.offload.miss_policy == "substitute":
+            install_router_logits_capture()
         self._device = torch.device(vllm_config.device_config.device)
 
     def build_expert_cache(self) -> None:
@@ -129,6 +132,9 @@ class OffloadedRoutedExperts(RoutedExperts):
                 )
             return out
 
+        if self.offload.miss_policy != "exact":
+            return cache.run_lossy(x, topk_weights, topk_ids, run_kernel, self.offload.miss_policy,
+                                   router_scores=getattr(self, "last_router_logits", None))
         return cache.run(x, topk_weights, topk_ids, run_kernel)
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from vllm_expertflow.config import (
     ADDITIONAL_CONFIG_KEY,
     CACHE_POLICIES,
+    MISS_POLICIES,
     SCHEDULING_POLICIES,
     ExpertOffloadConfig,
     ExpertOffloadConfigError,
@@ -34,6 +35,7 @@ CLI_KEYS = {
     "expert_trace_dir": "trace_dir",
     "expert_scheduling": "scheduling",
     "expert_scheduling_max_skip": "max_skip_steps",
+    "expert_miss_policy": "miss_policy",
 }
 
 
@@ -87,6 +89,9 @@ def add_cli_args(parser):
     group.add_argument("--expert-scheduling-max-skip", type=_non_negative_int, default=None,
                        help="Fairness bound of expertflow scheduling: a running request sits out at most this "
                             "many consecutive steps (default 2).")
+    group.add_argument("--expert-miss-policy", choices=MISS_POLICIES, default=None,
+                       help="'exact' (default, lossless) loads missing experts before computing; 'skip' and "
+                            "'substitute' do not wait and CHANGE OUTPUTS (for accuracy studies only).")
     group.add_argument("--expert-trace-dir", default=None,
                        help="Record every step's routing (request, position, top-k experts per MoE layer) "
                             "as .npz chunks in this directory; see docs/trace-format.md.")
@@ -148,6 +153,11 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
         raise ExpertOffloadConfigError(
             f"trace_dir={offload.trace_dir!r} (--expert-trace-dir) already holds a routing trace; "
             f"give an empty or new directory"
+        )
+    if offload.miss_policy != "exact":
+        logger.warning(
+            "expert miss policy %r is LOSSY: outputs will differ from the model's; use it for accuracy "
+            "studies, not for serving", offload.miss_policy,
         )
     install_scheduler(offload, vllm_config)
     stats_dir = ensure_stats_dir()

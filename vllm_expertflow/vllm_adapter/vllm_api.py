@@ -124,3 +124,26 @@ def inprocess_scheduler(llm):
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     core = getattr(engine_core, "engine_core", None)
     return getattr(core, "scheduler", None)
+
+
+def install_router_logits_capture() -> None:
+    """Keep each MoE step's router logits on its RoutedExperts (``last_router_logits``).
+
+    The modular path hands ``forward_modular`` only the top-k result; the lossy
+    ``substitute`` miss policy needs every expert's score. Idempotent.
+    """
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
+
+    if getattr(MoERunner, "_expertflow_logits", False):
+        return
+    original = MoERunner._apply_quant_method
+
+    def apply_quant_method(self, hidden_states, router_logits, *args, **kwargs):
+        self.routed_experts.last_router_logits = router_logits
+        try:
+            return original(self, hidden_states, router_logits, *args, **kwargs)
+        finally:
+            self.routed_experts.last_router_logits = None
+
+    MoERunner._apply_quant_method = apply_quant_method
+    MoERunner._expertflow_logits = True
