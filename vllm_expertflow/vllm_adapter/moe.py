@@ -93,6 +93,8 @@ class OffloadedRoutedExperts(RoutedExperts):
             )
         on_cuda = self._device.type == "cuda"
         store = ExpertStore([self.w13_weight.data, self.w2_weight.data], pin_memory=on_cuda)
+        # The parameters now point at the store's (pinned) tensors: one host copy, not two.
+        self.w13_weight.data, self.w2_weight.data = store.weights
         num_slots = self.offload.slots_per_layer(
             num_experts=store.num_experts,
             top_k=self.top_k,
