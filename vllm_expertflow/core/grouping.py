@@ -1,0 +1,604 @@
+"""Expert-aware grouping: which requests share an engine step, so the step touches few experts.
+
+Every expert a step routes to must sit in the layer's slot cache while the step runs; a
+step whose requests agree on their experts loads less. ExpertFlow's Token Scheduler
+re-splits two batches by the Hamming similarity of their tokens' expert bit-vectors
+(``hamming_two_way_split``). Inside vLLM the batch is the set of running requests, so
+``ExpertAwareGrouper`` picks, once per step, the subset of running requests whose
+expert union is small, under three guarantees the caller can rely on:
+
+* fairness: no running request sits out more than ``max_skip_steps`` consecutive steps;
+* priority: a request is never left out while a strictly less urgent one is scheduled;
+* throughput: at least ``min_fraction`` of the running requests run every step.
+
+numpy only, never vLLM (torch tensors are accepted where ids come in, without importing
+torch): the vLLM scheduler adapter calls it on the CPU once per step.
+Bit layout shared by everything here: a signature is ``words: [moe_layers, W] uint64``
+with ``W = ceil(num_experts / 64)``; expert ``e`` of a layer is bit ``e % 64`` of word
+``e // 64``, so a popcount over a layer's words counts its experts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import operator
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+_WORD_BITS = 64
+
+if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+    _popcount = np.bitwise_count
+else:  # pragma: no cover - older numpy: per-byte lookup table
+    _BYTE_BITS = np.array([bin(b).count("1") for b in range(256)], dtype=np.uint8)
+
+    def _popcount(words: np.ndarray) -> np.ndarray:
+        as_bytes = _BYTE_BITS[np.ascontiguousarray(words).view(np.uint8)]
+        return as_bytes.reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    # The adapter holds torch tensors (possibly on the GPU); the core must not care.
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _layer_counts(words: np.ndarray) -> np.ndarray:
+    """Experts set per layer: ``[..., L, W] uint64 -> [..., L] int32``."""
+    bits = _popcount(words)
+    # A Python loop over the few words beats a numpy reduction over a tiny last axis.
+    counts = bits[..., 0].astype(np.int32)
+    for w in range(1, bits.shape[-1]):
+        counts += bits[..., w]
+    return counts
+
+
+def _total_counts(words: np.ndarray) -> np.ndarray:
+    """Experts set over all layers: ``[k, L, W] or [k, L * W] uint64 -> [k] int64``."""
+    return _popcount(words.reshape(len(words), -1)).sum(axis=1, dtype=np.int64)
+
+
+class ExpertSignature:
+    """Which experts a request used, per MoE layer, as a packed bit matrix.
+
+    ``words: [moe_layers, ceil(num_experts / 64)] uint64`` (see the module docstring for the
+    bit layout). For a running request it is the union over the tokens of its last step; for
+    a new request a prediction (e.g. ExpertFlow's routing path predictor). Packed once when
+    built, so the grouper never touches a boolean matrix per step.
+    """
+
+    __slots__ = ("words", "num_experts")
+
+    def __init__(self, words: np.ndarray, num_experts: int) -> None:
+        if num_experts < 1:
+            raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+        num_words = -(-num_experts // _WORD_BITS)
+        if words.dtype != np.uint64 or words.ndim != 2 or words.shape[1] != num_words:
+            raise ValueError(
+                f"words must be uint64 [moe_layers, {num_words}] for {num_experts} experts, "
+                f"got {words.dtype} {list(words.shape)}"
+            )
+        self.words = words
+        self.num_experts = num_experts
+
+    @classmethod
+    def from_mask(cls, mask: Any) -> ExpertSignature:
+        """``mask: [moe_layers, num_experts] bool``, True where the expert was used."""
+        mask = _to_numpy(mask)
+        if mask.ndim != 2 or mask.dtype != np.bool_:
+            raise ValueError(f"mask must be bool [moe_layers, num_experts], got {mask.dtype} {list(mask.shape)}")
+        return cls(_pack(mask), mask.shape[1])
+
+    @classmethod
+    def from_topk_ids(cls, topk_ids: Any, num_experts: int) -> ExpertSignature:
+        """Union over tokens of ``topk_ids: [tokens, moe_layers, top_k]`` int, global expert ids.
+
+        Negative ids are skipped: vLLM marks experts that are not on this rank with -1.
+        """
+        return cls.from_batch_topk_ids(topk_ids, [len(topk_ids)], num_experts)[0]
+
+    @classmethod
+    def from_batch_topk_ids(
+        cls, topk_ids: Any, tokens_per_request: Sequence[int], num_experts: int
+    ) -> list[ExpertSignature]:
+        """One signature per request from a whole step's routing, packed in one pass.
+
+        ``topk_ids: [tokens, moe_layers, top_k]`` int, the step's tokens request by request in
+        the order of ``tokens_per_request`` (as vLLM lays out a batch).
+        """
+        ids = _to_numpy(topk_ids)
+        counts = np.asarray(tokens_per_request, dtype=np.int64)
+        if ids.ndim != 3 or not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"topk_ids must be int [tokens, moe_layers, top_k], got {ids.dtype} {list(ids.shape)}")
+        if counts.ndim != 1 or (counts < 0).any() or counts.sum() != len(ids):
+            raise ValueError(
+                f"tokens_per_request must be non-negative counts summing to the {len(ids)} tokens, "
+                f"got {counts.tolist()}"
+            )
+        if ids.size and ids.max() >= num_experts:
+            raise ValueError(f"expert id {int(ids.max())} out of range 0..{num_experts - 1}")
+        num_layers = ids.shape[1]
+        mask = np.zeros((len(counts), num_layers, num_experts), dtype=np.bool_)
+        request = np.repeat(np.arange(len(counts)), counts)[:, None, None]
+        layer = np.arange(num_layers)[None, :, None]
+        valid = ids >= 0
+        mask[np.broadcast_to(request, ids.shape)[valid], np.broadcast_to(layer, ids.shape)[valid], ids[valid]] = True
+        words = _pack(mask)
+        return [cls(words[r], num_experts) for r in range(len(counts))]
+
+    @property
+    def num_layers(self) -> int:
+        return self.words.shape[0]
+
+    def to_mask(self) -> np.ndarray:
+        """``[moe_layers, num_experts] bool``."""
+        as_bytes = np.ascontiguousarray(self.words).astype("<u8").view(np.uint8)
+        return np.unpackbits(as_bytes, axis=-1, bitorder="little")[:, : self.num_experts].astype(np.bool_)
+
+    def layer_counts(self) -> np.ndarray:
+        """Distinct experts per layer, ``[moe_layers] int32``."""
+        return _layer_counts(self.words)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ExpertSignature):
+            return NotImplemented
+        return self.num_experts == other.num_experts and np.array_equal(self.words, other.words)
+
+    __hash__ = None  # type: ignore[assignment]  # mutable array inside
+
+    def __repr__(self) -> str:
+        return f"ExpertSignature(layers={self.num_layers}, experts={self.num_experts}, set={int(self.layer_counts().sum())})"
+
+
+def _pack(mask: np.ndarray) -> np.ndarray:
+    """``[..., E] bool -> [..., ceil(E / 64)] uint64`` in the module's bit layout."""
+    num_words = -(-mask.shape[-1] // _WORD_BITS)
+    packed = np.packbits(mask, axis=-1, bitorder="little")
+    pad = num_words * 8 - packed.shape[-1]
+    if pad:
+        packed = np.concatenate([packed, np.zeros((*packed.shape[:-1], pad), dtype=np.uint8)], axis=-1)
+    # Little-endian words make bit e of the byte stream bit e % 64 of word e // 64.
+    return np.ascontiguousarray(packed).view("<u8").astype(np.uint64)
+
+
+def _as_words(signature: ExpertSignature | np.ndarray) -> ExpertSignature:
+    if isinstance(signature, ExpertSignature):
+        return signature
+    return ExpertSignature.from_mask(signature)
+
+
+def _stack_words(signatures: Sequence[ExpertSignature | np.ndarray] | np.ndarray) -> tuple[np.ndarray, int]:
+    """Signatures as ``[n, L, W] uint64`` plus ``num_experts``; all must share one shape."""
+    if isinstance(signatures, np.ndarray):
+        if signatures.dtype != np.bool_ or signatures.ndim not in (2, 3):
+            raise ValueError(
+                "signatures must be bool [n, moe_layers, num_experts] or [n, bits], "
+                f"got {signatures.dtype} {list(signatures.shape)}"
+            )
+        mask = signatures if signatures.ndim == 3 else signatures[:, None, :]
+        return _pack(mask), mask.shape[2]
+    try:  # the common case, all packed already: no per-item isinstance
+        words = [s.words for s in signatures]  # type: ignore[union-attr]
+    except AttributeError:
+        signatures = [s if isinstance(s, ExpertSignature) else ExpertSignature.from_mask(s) for s in signatures]
+        words = [s.words for s in signatures]
+    if not words:
+        return np.zeros((0, 1, 1), dtype=np.uint64), 1
+    shapes = {w.shape for w in words}
+    experts = {s.num_experts for s in signatures}  # type: ignore[union-attr]
+    if len(shapes) > 1 or len(experts) > 1:
+        layers = sorted({shape[0] for shape in shapes})
+        raise ValueError(
+            f"signatures must all cover the same moe_layers and num_experts, got layers {layers}, "
+            f"experts {sorted(experts)}"
+        )
+    num_layers, num_experts = words[0].shape[0], experts.pop()
+    # One concatenate costs a fraction of np.stack over hundreds of small arrays.
+    return np.concatenate(words).reshape(len(words), num_layers, -1), num_experts
+
+
+def _balanced_halves(preference: np.ndarray) -> np.ndarray:
+    """Group labels (0/1) for equal halves: the rows that most prefer group 0 get it.
+
+    ``preference[i]`` = cost in group 0 minus cost in group 1; a stable sort keeps ties by index.
+    """
+    labels = np.ones(len(preference), dtype=np.int8)
+    labels[np.argsort(preference, kind="stable")[: len(preference) - len(preference) // 2]] = 0
+    return labels
+
+
+def _cost_in_group(words: np.ndarray, labels: np.ndarray, group: int) -> np.ndarray:
+    """Experts each row would add to ``group``'s union, the row itself left out: ``[n] int64``."""
+    members = np.flatnonzero(labels == group)
+    others = np.flatnonzero(labels != group)
+    cost = np.empty(len(words), dtype=np.int64)
+    if len(members) == 0:
+        cost[:] = _total_counts(words)
+        return cost
+    # Union of every member but one, from prefix and suffix ORs: O(members) instead of O(members^2).
+    member_words = words[members]
+    prefix = np.bitwise_or.accumulate(member_words, axis=0)
+    suffix = np.bitwise_or.accumulate(member_words[::-1], axis=0)[::-1]
+    without_self = np.zeros_like(member_words)
+    without_self[1:] |= prefix[:-1]
+    without_self[:-1] |= suffix[1:]
+    cost[members] = _total_counts(member_words & ~without_self)
+    cost[others] = _total_counts(words[others] & ~prefix[-1])
+    return cost
+
+
+def hamming_two_way_split(
+    signatures: Sequence[ExpertSignature | np.ndarray] | np.ndarray, max_iters: int = 8
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split tokens or requests into two equal groups that activate few distinct experts each.
+
+    ExpertFlow's Token Scheduler: ``signatures`` are bit-vectors (bool ``[n, layers, experts]``
+    or ``[n, bits]``, or a sequence of ``ExpertSignature``). Seeds are the two rows farthest
+    apart in Hamming distance; rows go to the seed they are more Hamming-similar to; then a
+    K-means-style loop moves each row to the group whose expert union it enlarges least
+    (the objective itself: distinct experts per group, summed over layers), keeping the
+    halves equal (sizes differ by at most one). Stops when the assignment repeats or after
+    ``max_iters``; the best assignment seen wins. Deterministic: ties go to the lower index.
+
+    Returns ``(first, second)``: ascending row indices of each group; ``first`` holds row 0.
+    """
+    if max_iters < 0:
+        raise ValueError(f"max_iters must be >= 0, got {max_iters}")
+    words, _ = _stack_words(signatures)
+    n = len(words)
+    if n < 2:
+        return np.arange(n), np.arange(0)
+    flat = words.reshape(n, -1)
+
+    def hamming_to(row: int) -> np.ndarray:
+        return _total_counts(flat ^ flat[row])
+
+    # Farthest-point seeding from the busiest row: two passes walk away from a central start.
+    seed_a = int(np.argmax(_total_counts(words)))
+    seed_b = int(np.argmax(hamming_to(seed_a)))
+    seed_a = int(np.argmax(hamming_to(seed_b)))
+    labels = _balanced_halves(hamming_to(seed_a) - hamming_to(seed_b))
+
+    def objective(lab: np.ndarray) -> int:
+        unions = [np.bitwise_or.reduce(flat[lab == g], axis=0) for g in (0, 1)]
+        return int(_total_counts(np.stack(unions)).sum())
+
+    best, best_cost = labels, objective(labels)
+    seen = {labels.tobytes()}
+    for _ in range(max_iters):
+        labels = _balanced_halves(_cost_in_group(words, labels, 0) - _cost_in_group(words, labels, 1))
+        key = labels.tobytes()
+        if key in seen:  # a fixed point or a cycle: nothing new to find
+            break
+        seen.add(key)
+        cost = objective(labels)
+        if cost < best_cost:
+            best, best_cost = labels, cost
+    if best[0] != 0:
+        best = 1 - best
+    return np.flatnonzero(best == 0), np.flatnonzero(best == 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestView:
+    """What the grouper needs to know of one request; the adapter builds it from vLLM's Request.
+
+    ``signature``: the experts of its last step, a prediction, or None when unknown (a new
+    request); a bool ``[moe_layers, num_experts]`` array is accepted and packed on the fly.
+    ``num_tokens``: tokens it wants this step (1 for decode, the chunk length for prefill).
+    """
+
+    request_id: str
+    priority: int = 0  # lower is more urgent, as in vLLM
+    arrival_time: float = 0.0
+    signature: ExpertSignature | np.ndarray | None = None
+    num_tokens: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupingConfig:
+    # Slots per MoE layer; a step extends past min_fraction only while its union fits.
+    # None: unlimited (every running request runs, as without grouping).
+    capacity: int | None
+    # K: a running request sits out at most K consecutive steps; 0 disables grouping.
+    max_skip_steps: int = 2
+    # At least ceil(min_fraction * running) requests run each step, whatever their experts.
+    min_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.capacity is not None and (not isinstance(self.capacity, (int, np.integer)) or self.capacity < 1):
+            raise ValueError(f"capacity must be a slot count >= 1 or None (unlimited), got {self.capacity!r}")
+        if not isinstance(self.max_skip_steps, (int, np.integer)) or self.max_skip_steps < 0:
+            raise ValueError(f"max_skip_steps must be an int >= 0, got {self.max_skip_steps!r}")
+        if not 0.0 < self.min_fraction <= 1.0:
+            raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction!r}")
+
+
+# Exact greedy (one request per pick, re-scored each time) costs ~n numpy passes; instead each
+# round re-scores the pool against the grown union and grows the selection at most _GROWTH-fold
+# (plus every request that adds nothing), so the first picks stay close to the seed and 256
+# requests take ~3 rounds. Batches ignore what their members share, so up to _SWAP_ROUNDS rounds
+# of swaps follow (a chosen request whose experts nobody else chosen uses, for a left-out one
+# that adds fewer): on clustered decode traffic this matches exact greedy. Past the minimum,
+# rounds add only requests that fit the slots; _MAX_EXTEND_ROUNDS bounds them.
+_GROWTH = 8
+_SWAP_ROUNDS = 2
+_MAX_EXTEND_ROUNDS = 3
+
+
+class ExpertAwareGrouper:
+    """Chooses each step's requests so the step's expert working set stays small.
+
+    One instance per scheduler; it keeps a skip counter per request id (consecutive steps
+    left out). Call ``select`` once per step and ``forget`` when a request finishes.
+    """
+
+    def __init__(self, config: GroupingConfig) -> None:
+        self.config = config
+        self._skips: dict[str, int] = {}
+        self._last_step: int | None = None
+        # Union of the known signatures of the last selection: what the slots hold next.
+        self.last_union: ExpertSignature | None = None
+
+    def skip_count(self, request_id: str) -> int:
+        """Consecutive steps ``request_id`` has been left out (0 if unknown)."""
+        return self._skips.get(request_id, 0)
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's counter; unknown ids are ignored."""
+        self._skips.pop(request_id, None)
+
+    def select(self, running: Sequence[RequestView], step: int) -> list[str]:
+        """The request ids that run at ``step``, in the order they should get the token budget.
+
+        Running requests not in the list sit this step out. Order: most urgent priority first;
+        within a priority, requests at the skip limit first, then fewest tokens (decodes before
+        prefill chunks, so a chunk cannot starve chosen decodes of budget), then pick order.
+        ``step`` must increase from call to call: the skip counters count calls.
+        """
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step must increase between select calls: got {step} after {self._last_step}")
+        n = len(running)
+        if n == 0:
+            self._last_step, self.last_union = step, None
+            return []
+        # One pass over the views (per-request Python work dominates the cost at this size),
+        # then everything works in rank order: priority, arrival, id. Row i has rank i, so ties
+        # anywhere below go to the lower row, and the result ignores the input order.
+        fields = [(r.priority, r.arrival_time, r.request_id, r.num_tokens, r.signature) for r in running]
+        fields.sort(key=operator.itemgetter(0, 1, 2))
+        priorities, _, ids, tokens, signatures = zip(*fields, strict=True)
+        if len(set(ids)) != n:
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise ValueError(f"request ids must be unique among running requests, repeated: {dupes}")
+        priority = np.array(priorities, dtype=np.int64)
+        num_tokens = np.array(tokens, dtype=np.int64)
+        if (num_tokens < 1).any():
+            bad = int(np.argmax(num_tokens < 1))
+            raise ValueError(f"num_tokens must be >= 1, got {num_tokens[bad]} for request {ids[bad]!r}")
+        skips = np.array(list(map(self._skips.get, ids, itertools.repeat(0, n))), dtype=np.int64)
+        words, num_experts = self._stack(signatures)
+
+        chosen = _GreedySelection(words, priority, self.config.capacity, num_experts)
+        forced = skips >= self.config.max_skip_steps
+        minimum = min(n, max(1, math.ceil(self.config.min_fraction * n - 1e-9)))
+        # Cutoff level: the least urgent priority that must run, for the minimum or for a forced
+        # request; rows are sorted by priority, so it is the minimum-th row's.
+        cutoff = int(priority[minimum - 1])
+        if forced.any():
+            cutoff = max(cutoff, int(priority[forced].max()))
+        mandatory = np.flatnonzero(forced | (priority < cutoff))
+        if len(mandatory) == 0:  # seed: the longest-waiting request of the cutoff level
+            mandatory = np.flatnonzero(priority == cutoff)
+            mandatory = mandatory[np.argsort(-skips[mandatory], kind="stable")][:1]
+        else:  # longest-waiting first, so pick order (and the budget order) favours them
+            mandatory = mandatory[np.argsort(-skips[mandatory], kind="stable")]
+        chosen.add(mandatory)
+        chosen.num_fixed = len(mandatory)
+        pool = np.flatnonzero((priority == cutoff) & ~chosen.selected)
+        pool = chosen.fill(minimum, pool)
+        chosen.improve(pool)
+        chosen.extend(cutoff)
+
+        picked = chosen.order
+        keys = np.lexsort((np.arange(len(picked)), num_tokens[picked], ~forced[picked], priority[picked]))
+        result = [ids[i] for i in picked[keys]]
+        new_skips = np.where(chosen.selected, 0, skips + 1)
+        self._skips.update(zip(ids, new_skips.tolist(), strict=True))
+        self._last_step = step  # only now: a call rejected for bad input may be retried
+        union = chosen.union.reshape(words.shape[1:])
+        self.last_union = ExpertSignature(union, num_experts) if num_experts else None
+        return result
+
+    def admission_order(
+        self, waiting: Sequence[RequestView], current_union: ExpertSignature | np.ndarray | None
+    ) -> list[str]:
+        """Waiting request ids ranked for admission: priority first, then expert affinity.
+
+        Within a priority level the head of the line (earliest arrival) stays first, so a
+        request with unusual experts cannot be passed over forever; the rest follow by the
+        experts they would add to ``current_union`` (e.g. ``last_union``), fewest first, then
+        arrival. An unknown signature counts as the level's mean, neither favoured nor held back.
+        """
+        if not waiting:
+            return []
+        n = len(waiting)
+        known = np.array([r.signature is not None for r in waiting])
+        cost = np.zeros(n, dtype=np.float64)
+        if known.any():
+            words, _ = _stack_words([r.signature for r in waiting if r.signature is not None])  # type: ignore[misc]
+            if current_union is not None:
+                union = _as_words(current_union)
+                if union.words.shape != words.shape[1:]:
+                    raise ValueError(
+                        f"current_union has words {list(union.words.shape)}, "
+                        f"the waiting signatures {list(words.shape[1:])}; they must match"
+                    )
+                words = words & ~union.words
+            cost[known] = _total_counts(words)
+        priority = np.array([r.priority for r in waiting], dtype=np.int64)
+        for level in np.unique(priority[~known]):
+            peers = (priority == level) & known
+            cost[(priority == level) & ~known] = cost[peers].mean() if peers.any() else 0.0
+        arrival_key = sorted(range(n), key=lambda i: (waiting[i].arrival_time, waiting[i].request_id))
+        by_arrival = np.empty(n, dtype=np.int64)
+        by_arrival[arrival_key] = np.arange(n)
+        head = np.zeros(n, dtype=bool)
+        for level in np.unique(priority):
+            members = np.flatnonzero(priority == level)
+            head[members[np.argmin(by_arrival[members])]] = True
+        ranking = np.lexsort((by_arrival, cost, ~head, priority))
+        return [waiting[i].request_id for i in ranking]
+
+    @staticmethod
+    def _stack(signatures: Sequence[ExpertSignature | np.ndarray | None]) -> tuple[np.ndarray, int]:
+        """``[n, L, W] uint64`` signatures, zeros for unknown ones (they add no experts)."""
+        is_known = [s is not None for s in signatures]
+        try:
+            if all(is_known):
+                return _stack_words(signatures)  # type: ignore[arg-type]
+            known = list(itertools.compress(signatures, is_known))
+            if not known:
+                return np.zeros((len(signatures), 1, 1), dtype=np.uint64), 0
+            words, num_experts = _stack_words(known)  # type: ignore[arg-type]
+        except ValueError as error:
+            raise ValueError(f"running requests' signatures disagree in shape: {error}") from None
+        full = np.zeros((len(signatures), *words.shape[1:]), dtype=np.uint64)
+        full[np.array(is_known)] = words
+        return full, num_experts
+
+
+class _GreedySelection:
+    """The growing selection of one ``select`` call and its expert union (flat ``[L * W]`` words).
+
+    Rows are in rank order (priority, arrival, id), so every tie goes to the lower row.
+    ``order`` lists the chosen rows in pick order; its first ``num_fixed`` (the mandatory
+    requests, or the seed) are never swapped out.
+    """
+
+    def __init__(self, words: np.ndarray, priority: np.ndarray, capacity: int | None, num_experts: int) -> None:
+        n, self.num_layers, self.num_words = words.shape
+        self.flat = words.reshape(n, -1)  # [n, L * W]: whole-signature ops on 2-D arrays are cheapest
+        self.priority = priority
+        self.capacity = capacity if capacity is not None and capacity < num_experts else None
+        self.selected = np.zeros(n, dtype=bool)
+        self.order = np.zeros(0, dtype=np.int64)
+        self.num_fixed = 0
+        self.union = np.zeros(self.flat.shape[1], dtype=np.uint64)
+
+    def add(self, rows: np.ndarray) -> None:
+        if len(rows) == 0:
+            return
+        self.selected[rows] = True
+        self.order = np.concatenate([self.order, rows])
+        self.union |= np.bitwise_or.reduce(self.flat[rows], axis=0)
+
+    def _per_layer(self, flat_words: np.ndarray) -> np.ndarray:
+        return _layer_counts(flat_words.reshape(len(flat_words), self.num_layers, self.num_words))
+
+    def _new_experts(self, rows: np.ndarray) -> np.ndarray:
+        return _total_counts(self.flat[rows] & ~self.union)
+
+    def _cheapest_first(self, rows: np.ndarray, new_experts: np.ndarray) -> np.ndarray:
+        """Order of ``rows``: fewest new experts, then lowest row (rank); the keys are unique."""
+        return np.argsort(new_experts * len(self.flat) + rows)
+
+    def fill(self, minimum: int, pool: np.ndarray) -> np.ndarray:
+        """Add rows of ``pool`` (one priority level) until ``minimum`` run, cheapest first, slots ignored.
+
+        Returns what is left of the pool. The cutoff level always holds enough requests:
+        select() chose it that way.
+        """
+        while len(self.order) < minimum:
+            new_experts = self._new_experts(pool)
+            order = self._cheapest_first(pool, new_experts)
+            free = int(np.count_nonzero(new_experts == 0))
+            take = min(minimum - len(self.order), max(1, (_GROWTH - 1) * len(self.order), free))
+            self.add(pool[order[:take]])
+            pool = pool[order[take:]]
+        return pool
+
+    def improve(self, pool: np.ndarray) -> None:
+        """Swap chosen requests that alone bring many experts for left-out ones of ``pool`` bringing fewer.
+
+        A chosen request's own experts are those no other chosen request uses; a left-out
+        one's cost is what it adds to the union. Pairs go most-own against cheapest while
+        that gains, and a round is kept only if the union really shrank. A swapped-in
+        request takes the pick position of the one it replaces.
+        """
+        n, fixed = len(self.flat), self.num_fixed
+        pool = pool.copy()
+        union_size = int(_total_counts(self.union[None])[0])
+        for _ in range(_SWAP_ROUNDS):
+            if len(self.order) == fixed or len(pool) == 0:
+                break
+            chosen_words = self.flat[self.order]
+            before = np.bitwise_or.accumulate(chosen_words, axis=0)
+            shared = np.bitwise_or.reduce(chosen_words[1:] & before[:-1], axis=0)  # used by >= 2 chosen
+            own = _total_counts(chosen_words[fixed:] & ~shared)
+            cost = self._new_experts(pool)
+            # Most own experts first; among equals the least urgent / latest (highest row) leaves first.
+            leave = np.argsort(own * n + self.order[fixed:])[::-1]
+            join = self._cheapest_first(pool, cost)
+            pairs = min(len(leave), len(join))
+            # own falls and cost rises along the orders, so the gains are non-increasing.
+            swaps = int(np.count_nonzero(own[leave[:pairs]] > cost[join[:pairs]]))
+            if swaps == 0:
+                break
+            leaving, joining = fixed + leave[:swaps], join[:swaps]
+            trial = self.order.copy()
+            trial[leaving] = pool[joining]
+            union = np.bitwise_or.reduce(self.flat[trial], axis=0)
+            trial_size = int(_total_counts(union[None])[0])
+            if trial_size >= union_size:
+                break  # the pairwise estimate ignored overlaps and was wrong: keep what we have
+            pool[joining] = self.order[leaving]
+            self.order, self.union, union_size = trial, union, trial_size
+        self.selected[:] = False
+        self.selected[self.order] = True
+
+    def extend(self, cutoff: int) -> None:
+        """Past the minimum, add requests while the union fits the slots, one priority level at a time.
+
+        A layer already over capacity (forced or minimum requests) may not grow further, but
+        requests that add nothing to it still fit. A level not exhausted ends the extension:
+        its leftovers are more urgent than anything after it.
+        """
+        rounds = 0
+        for level in np.unique(self.priority[self.priority >= cutoff]):
+            rows = np.flatnonzero((self.priority == level) & ~self.selected)  # ascending: rank order
+            if self.capacity is None:
+                self.add(rows)
+                continue
+            while len(rows):
+                if rounds == _MAX_EXTEND_ROUNDS:
+                    return
+                rounds += 1
+                used = self._per_layer(self.union[None])[0]
+                if (used >= self.capacity).all():
+                    # Full everywhere (the usual case): only requests that add no expert fit.
+                    free = self._new_experts(rows) == 0
+                    self.add(rows[free])
+                    if not free.all():
+                        return
+                    break
+                limit = np.maximum(used, self.capacity)  # [L]
+                grown = self._per_layer(self.flat[rows] | self.union)  # [k, L]
+                fits = (grown <= limit).all(axis=1)
+                if not fits.any():
+                    return
+                candidates = rows[fits]
+                candidates = candidates[self._cheapest_first(candidates, grown[fits].sum(axis=1))]
+                # Longest prefix, cheapest first, whose joint union still fits.
+                joint = np.bitwise_or.accumulate(self.flat[candidates], axis=0) | self.union
+                joint_fits = (self._per_layer(joint) <= limit).all(axis=1)
+                take = len(candidates) if joint_fits.all() else int(np.argmin(joint_fits))
+                # Next round re-scores what is left against the grown union.
+                self.add(candidates[:take])
+                rows = rows[~self.selected[rows]]
+            # Level exhausted: the next, less urgent one may start.
