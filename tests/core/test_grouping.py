@@ -2,7 +2,6 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -55,6 +54,8 @@ def test_signature_from_topk_ids_is_union_over_tokens():
 
 
 def test_signature_accepts_torch_tensors():
+    # vllm_expertflow.core imports torch already, so this costs the file nothing extra.
+    torch = pytest.importorskip("torch")
     topk_ids = torch.tensor([[[1, 2]], [[2, 9]]], dtype=torch.int32)
     assert ExpertSignature.from_topk_ids(topk_ids, 10) == signature([1, 2, 9], layers=1, experts=10)
 
@@ -199,10 +200,10 @@ def test_unbounded_slots_schedule_everyone(capacity):
 # --- ExpertAwareGrouper: guarantees --------------------------------------------------------------
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=8, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
-    num_requests=st.integers(1, 24),
+    num_requests=st.integers(1, 48),
     max_skip=st.integers(0, 3),
     min_fraction=st.sampled_from([0.05, 0.2, 0.5, 0.9]),
     capacity=st.integers(1, EXPERTS),
@@ -248,7 +249,7 @@ def test_no_request_waits_more_than_k_steps(seed, num_requests, max_skip, min_fr
 
 
 def test_outlier_runs_at_least_every_k_plus_one_steps():
-    # Everyone shares experts 0..3 except the outlier; two slots make the outlier never worth it on cost.
+    # Everyone shares experts 0 and 1, the outlier uses 14 and 15: on cost alone it would never run.
     sigs = [signature([0, 1]) for _ in range(9)] + [signature([14, 15])]
     for k in (0, 1, 2, 3):
         grouper = ExpertAwareGrouper(GroupingConfig(capacity=2, max_skip_steps=k, min_fraction=0.3))
@@ -389,9 +390,9 @@ def test_admission_order_priority_then_head_of_line_then_affinity():
         ],
         priorities=[0, 0, 0, 0, 0, 1],
     )
-    # Known costs at priority 0: r0 2, r1 3, r2 0, r3 1 -> mean 1.5 for r4.
+    # New experts per layer at priority 0: r0 2, r1 3, r2 0, r3 1 -> r4 counts as their mean, 1.5.
     assert grouper.admission_order(waiting, union) == ["r0", "r2", "r3", "r4", "r1", "r5"]
-    # No union: costs are signature sizes (r0 2, r1 3, r2 2, r3 2; r4 2.25), ties by arrival.
+    # No union: costs are signature sizes per layer (r0 2, r1 3, r2 2, r3 2; r4 2.25), ties by arrival.
     assert grouper.admission_order(waiting, None) == ["r0", "r2", "r3", "r4", "r1", "r5"]
     assert grouper.admission_order([], union) == []
     with pytest.raises(ValueError, match="current_union has words"):

@@ -100,7 +100,8 @@ class ExpertSignature:
 
         Negative ids are skipped: vLLM marks experts that are not on this rank with -1.
         """
-        return cls.from_batch_topk_ids(topk_ids, [len(topk_ids)], num_experts)[0]
+        ids = _to_numpy(topk_ids)
+        return cls.from_batch_topk_ids(ids, [len(ids)], num_experts)[0]
 
     @classmethod
     def from_batch_topk_ids(
@@ -212,23 +213,22 @@ def _balanced_halves(preference: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _cost_in_group(words: np.ndarray, labels: np.ndarray, group: int) -> np.ndarray:
-    """Experts each row would add to ``group``'s union, the row itself left out: ``[n] int64``."""
-    members = np.flatnonzero(labels == group)
-    others = np.flatnonzero(labels != group)
-    cost = np.empty(len(words), dtype=np.int64)
-    if len(members) == 0:
-        cost[:] = _total_counts(words)
+def _cost_in_group(flat: np.ndarray, labels: np.ndarray, group: int) -> np.ndarray:
+    """Experts each row would add to ``group``'s union, the row itself left out: ``[n] int64``.
+
+    For a member these are its bits no other member has, i.e. its bits outside the ones
+    used at least twice: one prefix OR finds those for all members at once.
+    """
+    members = labels == group
+    cost = np.empty(len(flat), dtype=np.int64)
+    member_words = flat[members]
+    if len(member_words) == 0:
+        cost[:] = _total_counts(flat)
         return cost
-    # Union of every member but one, from prefix and suffix ORs: O(members) instead of O(members^2).
-    member_words = words[members]
-    prefix = np.bitwise_or.accumulate(member_words, axis=0)
-    suffix = np.bitwise_or.accumulate(member_words[::-1], axis=0)[::-1]
-    without_self = np.zeros_like(member_words)
-    without_self[1:] |= prefix[:-1]
-    without_self[:-1] |= suffix[1:]
-    cost[members] = _total_counts(member_words & ~without_self)
-    cost[others] = _total_counts(words[others] & ~prefix[-1])
+    before = np.bitwise_or.accumulate(member_words, axis=0)
+    shared = np.bitwise_or.reduce(member_words[1:] & before[:-1], axis=0)
+    cost[members] = _total_counts(member_words & ~shared)
+    cost[~members] = _total_counts(flat[~members] & ~before[-1])
     return cost
 
 
@@ -271,7 +271,7 @@ def hamming_two_way_split(
     best, best_cost = labels, objective(labels)
     seen = {labels.tobytes()}
     for _ in range(max_iters):
-        labels = _balanced_halves(_cost_in_group(words, labels, 0) - _cost_in_group(words, labels, 1))
+        labels = _balanced_halves(_cost_in_group(flat, labels, 0) - _cost_in_group(flat, labels, 1))
         key = labels.tobytes()
         if key in seen:  # a fixed point or a cycle: nothing new to find
             break
@@ -333,6 +333,14 @@ _MAX_EXTEND_ROUNDS = 3
 
 class ExpertAwareGrouper:
     """Chooses each step's requests so the step's expert working set stays small.
+
+    Per step: requests at the skip limit, and every request more urgent than the least
+    urgent priority that must run, are mandatory (without any, the longest-waiting request
+    of the cutoff level seeds the step); then requests of the cutoff level join cheapest
+    first (fewest experts new to the step's per-layer union; ties by priority, arrival, id)
+    until ``min_fraction`` run, a few swaps trade chosen requests with experts of their own
+    for cheaper left-out ones, and further requests join while the union fits ``capacity``
+    slots per layer. Unknown signatures add no experts, so they join whenever their level does.
 
     One instance per scheduler; it keeps a skip counter per request id (consecutive steps
     left out). Call ``select`` once per step and ``forget`` when a request finishes.

@@ -4,7 +4,7 @@ The worker's ``execute_model`` is wrapped (only once an offloaded layer exists i
 process) so a step begins and ends around the forward pass; each offloaded MoE layer
 hands its ``topk_ids`` to the recorder. At the end of the step the recorder
 - appends the step to the routing trace (``trace_dir``), and
-- computes each request's expert signature, ``[moe_layers, num_experts] bool``, which
+- computes each request's expert signature (``ExpertSignature``, packed bits), which
   rides back to the scheduler on the step's ``ModelRunnerOutput``.
 """
 
@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from vllm_expertflow.core import TraceWriter
+from vllm_expertflow.core.grouping import ExpertSignature
 
 SIGNATURES_ATTR = "expertflow_signatures"
 
@@ -50,7 +51,7 @@ class RoutingRecorder:
         if self._active:
             self._layer_ids[self._layer_index[layer_name]] = topk_ids[: self._num_tokens].to("cpu", torch.int32)
 
-    def end_step(self, scheduler_output: Any, req_ids_in_order: list[str]) -> dict[str, np.ndarray] | None:
+    def end_step(self, scheduler_output: Any, req_ids_in_order: list[str]) -> dict[str, ExpertSignature] | None:
         """Finish the step; returns each scheduled request's signature, or None if nothing ran."""
         if not self._active or any(ids is None for ids in self._layer_ids):
             self._active = False
@@ -62,12 +63,9 @@ class RoutingRecorder:
         per_token_counts = [counts[r] for r in order]
         if sum(per_token_counts) != topk.shape[0]:
             return None  # a layout we do not understand (e.g. speculative tokens): record nothing
-        # One scatter for all requests: token -> request row, then mark (layer, expert) pairs.
-        token_request = np.repeat(np.arange(len(order)), per_token_counts)
-        num_layers = len(self.layer_names)
-        table = np.zeros((len(order), num_layers, self.num_experts), dtype=bool)
-        table[token_request[:, None, None], np.arange(num_layers)[None, :, None], topk] = True
-        signatures = dict(zip(order, table, strict=True))
+        # Packed bit signatures: small to pickle, and what the grouper works on.
+        packed = ExpertSignature.from_batch_topk_ids(topk, per_token_counts, self.num_experts)
+        signatures = dict(zip(order, packed, strict=True))
         if self.writer is not None:
             first_positions = _first_positions(scheduler_output)
             request_ids = np.repeat(np.asarray(order, dtype=np.str_), per_token_counts)

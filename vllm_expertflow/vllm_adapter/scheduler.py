@@ -16,10 +16,8 @@ import collections
 import time
 from typing import Any
 
-import numpy as np
-
 from vllm_expertflow.config import ExpertOffloadConfig
-from vllm_expertflow.core.grouping import ExpertAwareGrouper, GroupingConfig, RequestView
+from vllm_expertflow.core.grouping import ExpertAwareGrouper, ExpertSignature, GroupingConfig, RequestView
 from vllm_expertflow.vllm_adapter.routing import SIGNATURES_ATTR
 from vllm_expertflow.vllm_adapter.vllm_api import AsyncScheduler, Scheduler, init_logger
 
@@ -38,8 +36,8 @@ class ExpertAwareSchedulingMixin:
         self._grouper = ExpertAwareGrouper(
             GroupingConfig(capacity=offload.cache_slots, max_skip_steps=offload.max_skip_steps)
         )
-        self._signatures: dict[str, np.ndarray] = {}
-        self._prefix_signatures: dict[tuple[int, ...], np.ndarray] = {}
+        self._signatures: dict[str, ExpertSignature] = {}
+        self._prefix_signatures: dict[tuple[int, ...], ExpertSignature] = {}
         self._step = 0
         # Seconds spent choosing each step's requests; the benchmark reads them.
         self.grouping_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
