@@ -102,6 +102,10 @@ class OffloadedRoutedExperts(RoutedExperts):
             num_moe_layers=self._group.num_layers,
         )
         self.expert_cache = ExpertSlotCache(store, num_slots, make_policy(self.offload.policy), self._device)
+        # The scheduler groups requests only when the slots cannot hold every expert (scheduler.py).
+        self._group.scheduler_wants_signatures |= (
+            self.offload.scheduling == "expertflow" and num_slots < store.num_experts
+        )
         self._group.add_cache(self.layer_name, self.expert_cache, top_k=self.top_k)
 
     def forward_modular(

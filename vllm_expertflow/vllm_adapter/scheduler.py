@@ -19,6 +19,7 @@ from typing import Any
 from vllm_expertflow.config import ExpertOffloadConfig
 from vllm_expertflow.core.grouping import ExpertAwareGrouper, ExpertSignature, GroupingConfig, RequestView
 from vllm_expertflow.vllm_adapter.routing import SIGNATURES_ATTR
+from vllm_expertflow.vllm_adapter.startup import planned_slots_per_layer
 from vllm_expertflow.vllm_adapter.vllm_api import AsyncScheduler, Scheduler, init_logger
 
 logger = init_logger(f"vllm.{__name__}")
@@ -32,9 +33,12 @@ class ExpertAwareSchedulingMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         offload = ExpertOffloadConfig.from_additional_config(self.vllm_config.additional_config)
-        self._grouping_on = offload.enabled and offload.scheduling == "expertflow"
+        num_experts = self.vllm_config.model_config.get_num_experts()
+        slots = planned_slots_per_layer(offload, self.vllm_config) if offload.enabled and num_experts else 0
+        # With every expert resident there are no loads to save: keep vLLM's own composition.
+        self._grouping_on = offload.scheduling == "expertflow" and 0 < slots < num_experts
         self._grouper = ExpertAwareGrouper(
-            GroupingConfig(capacity=offload.cache_slots, max_skip_steps=offload.max_skip_steps)
+            GroupingConfig(capacity=slots or None, max_skip_steps=offload.max_skip_steps)
         )
         self._signatures: dict[str, ExpertSignature] = {}
         self._prefix_signatures: dict[tuple[int, ...], ExpertSignature] = {}

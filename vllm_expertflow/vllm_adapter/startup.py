@@ -136,19 +136,12 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             f"expert offload supports unquantized MoE weights only; {model_config.model} uses "
             f"quantization={model_config.quantization!r}. Valid: an unquantized (bf16/fp16/fp32) checkpoint"
         )
-    top_k = model_config.get_num_experts_per_tok()
-    text_config = model_config.hf_text_config
     if offload.cache_slots is not None and offload.cache_slots > num_experts:
         logger.warning(
             "expert cache_slots=%d exceeds the %d experts per layer of %s: clamped to %d",
             offload.cache_slots, num_experts, model_config.model, num_experts,
         )
-    offload.slots_per_layer(
-        num_experts=num_experts,
-        top_k=top_k,
-        bytes_per_expert=estimate_bytes_per_expert(text_config, model_config.dtype),
-        num_moe_layers=estimate_num_moe_layers(text_config, model_config.get_total_num_hidden_layers()),
-    )
+    planned_slots_per_layer(offload, vllm_config)  # raises on a budget below top_k slots
     if offload.trace_dir and any(Path(offload.trace_dir).glob("routing-*.npz")):
         raise ExpertOffloadConfigError(
             f"trace_dir={offload.trace_dir!r} (--expert-trace-dir) already holds a routing trace; "
@@ -180,6 +173,18 @@ def install_scheduler(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             f"--expert-scheduling fcfs"
         )
     scheduler_config.scheduler_cls = ours
+
+
+def planned_slots_per_layer(offload: ExpertOffloadConfig, vllm_config: Any) -> int:
+    """Slots per MoE layer as the front end can tell from the HF config (the worker recomputes exactly)."""
+    model_config = vllm_config.model_config
+    text_config = model_config.hf_text_config
+    return offload.slots_per_layer(
+        num_experts=model_config.get_num_experts(),
+        top_k=model_config.get_num_experts_per_tok(),
+        bytes_per_expert=estimate_bytes_per_expert(text_config, model_config.dtype),
+        num_moe_layers=estimate_num_moe_layers(text_config, model_config.get_total_num_hidden_layers()),
+    )
 
 
 def estimate_bytes_per_expert(text_config: Any, dtype: Any) -> int:

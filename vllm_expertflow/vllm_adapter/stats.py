@@ -37,6 +37,7 @@ class ExpertCacheGroup:
         self.top_k = 0
         self.recorder: RoutingRecorder | None = None
         self.trace_dir: str | None = None
+        self.scheduler_wants_signatures = False
         self._writer: _SnapshotWriter | None = None
 
     @property
@@ -52,9 +53,11 @@ class ExpertCacheGroup:
         self.top_k = top_k
         if len(self.caches) == self.num_layers:
             logger.info("%s", self.summary_line())
-            self.recorder = RoutingRecorder(
-                self.layer_names, cache.store.num_experts, top_k, self.trace_dir, cache.store.bytes_per_expert
-            )
+            # Routing is only collected for someone who reads it: a trace, or the expert-aware scheduler.
+            if self.trace_dir or self.scheduler_wants_signatures:
+                self.recorder = RoutingRecorder(
+                    self.layer_names, cache.store.num_experts, top_k, self.trace_dir, cache.store.bytes_per_expert
+                )
             stats_dir = os.environ.get(STATS_DIR_ENV)
             if stats_dir and self._writer is None:
                 self._writer = _SnapshotWriter(self, stats_dir)
