@@ -71,6 +71,7 @@ def run_setting(args, offload: dict) -> dict:
     pending = list(range(len(workload)))
     added_at: dict[str, float] = {}
     token_times: dict[str, list[float]] = {}
+    token_ids: dict[str, list[int]] = {}
     step = 0
     start = time.perf_counter()
     while pending or engine.has_unfinished_requests():
@@ -82,6 +83,7 @@ def run_setting(args, offload: dict) -> dict:
         now_outputs = engine.step()
         now = time.perf_counter()
         for output in now_outputs:
+            token_ids[output.request_id] = list(output.outputs[0].token_ids)
             seen = token_times.setdefault(output.request_id, [])
             new = len(output.outputs[0].token_ids) - len(seen)
             seen.extend([now] * max(new, 0))
@@ -106,7 +108,16 @@ def run_setting(args, offload: dict) -> dict:
         "steps": len(distinct),
         "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
         "tpot_p50": percentile(tpot, 0.5), "tpot_p99": percentile(tpot, 0.99),
+        "grouping_ms_median": _grouping_ms(llm),
+        "tokens": token_ids,
     }
+
+
+def _grouping_ms(llm) -> float | None:
+    from vllm_expertflow.vllm_adapter.vllm_api import inprocess_scheduler
+
+    seconds = sorted(getattr(inprocess_scheduler(llm), "grouping_seconds", []))
+    return 1e3 * seconds[len(seconds) // 2] if seconds else None
 
 
 def main() -> int:
@@ -148,17 +159,22 @@ def main() -> int:
         rows.append({"capacity_pct": pct, "slots": slots, "scheduling": scheduling, **result})
 
     lines = ["| capacity | scheduling | distinct experts/step | loads/token | ratio to fcfs | tok/s | TTFT p50/p99 (s) "
-             "| TPOT p50/p99 (ms) | p99 TPOT ratio |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|"]
+             "| TPOT p50/p99 (ms) | p99 TPOT ratio | same output as fcfs | grouping ms/step |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for row in rows:
         fcfs = next(r for r in rows if r["capacity_pct"] == row["capacity_pct"] and r["scheduling"] == "fcfs")
         row["loads_ratio_to_fcfs"] = row["loads_per_token"] / fcfs["loads_per_token"] if fcfs["loads_per_token"] else 1
         row["tpot_p99_ratio_to_fcfs"] = row["tpot_p99"] / fcfs["tpot_p99"]
+        # bf16: a request's tokens may differ where batch composition changes the numerics
+        row["agreement_with_fcfs"] = sum(row["tokens"][r] == fcfs["tokens"].get(r) for r in row["tokens"]) / len(
+            row["tokens"])
         lines.append(
             f"| {row['capacity_pct']}% ({row['slots']} slots) | {row['scheduling']} | "
             f"{row['distinct_experts_per_step']:.2f} | {row['loads_per_token']:.3f} | {row['loads_ratio_to_fcfs']:.3f} | "
             f"{row['tok_s']:.1f} | {row['ttft_p50']:.2f}/{row['ttft_p99']:.2f} | "
-            f"{1e3 * row['tpot_p50']:.1f}/{1e3 * row['tpot_p99']:.1f} | {row['tpot_p99_ratio_to_fcfs']:.2f} |")
+            f"{1e3 * row['tpot_p50']:.1f}/{1e3 * row['tpot_p99']:.1f} | {row['tpot_p99_ratio_to_fcfs']:.2f} | "
+            f"{row['agreement_with_fcfs']:.0%} | "
+            f"{'-' if row['grouping_ms_median'] is None else format(row['grouping_ms_median'], '.2f')} |")
     table = "\n".join(lines)
     header = (f"model `{Path(args.model).name}`, {args.requests} requests x {args.max_tokens} tokens, one arrival "
               f"every {args.arrival_every} step(s), max {args.max_num_seqs} running; CPU (2 cores)")
