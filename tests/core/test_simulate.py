@@ -146,7 +146,10 @@ def test_global_mode_counts_and_floor():
         ({"policy": "lru", "capacity": 1}, "capacity must be in 2..8"),
         ({"policy": "lru", "capacity": 9}, "capacity must be in 2..8"),
         ({"policy": "lru", "capacity": 3, "budget_mode": "shared"}, r"valid modes are \['per-layer', 'global'\]"),
-        ({"policy": "lfu", "capacity": 3, "budget_mode": "global"}, r"valid policies there are \['lru'\]"),
+        (
+            {"policy": "lfu", "capacity": 3, "budget_mode": "global"},
+            r"valid policies there are \['lru', 'belady', 'expertflow'\]",
+        ),
         ({"policy": "lru", "capacity": 3, "link_gbps": 0}, "positive number of GB/s"),
     ],
 )

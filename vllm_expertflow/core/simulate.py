@@ -10,27 +10,71 @@ Budget modes:
 
 - ``per-layer``: every layer owns ``capacity`` slots and its own policy instance.
 - ``global``: one pool of ``capacity * num_layers`` slots over ``(layer, expert)``
-  keys, evicted least-recently-used across layers, never taking a layer below
-  ``top_k`` resident experts. Only ``lru`` is available in this mode.
+  keys, never taking a layer below ``top_k`` resident experts. ``lru`` evicts the least
+  recently used key across layers, ``belady`` the key needed farthest ahead in the
+  interleaved (layer, pass) sequence, ``expertflow`` by predicted demand.
+
+Policy ``expertflow`` (``ExpertFlowCache``, ExpertFlow's expert cache engine) is not a
+``ReplacementPolicy``: it reads a routing predictor (``core/predictors.py``), prefetches and,
+in global mode, moves slots across layers (PLEC). Each step it:
+
+1. asks the predictor, before the step, for every token's per-layer expert probabilities
+   (from earlier steps only) and turns them into the probability that the step needs each
+   (layer, expert): ``1 - prod_tokens(1 - p)``;
+2. prefetches the keys at or above ``prefetch_threshold`` that are not resident, into
+   free slots or in place of a resident key whose next use is expected later, never in
+   place of another predicted key, and only in layers whose expected demand (the sum of
+   the probabilities) fits one pass;
+3. replays the step layer by layer as the other policies do; a needed expert that is not
+   resident is a demand miss and loads at once.
+
+Eviction follows Belady's rule on estimates: the victim is the key whose next use is
+expected farthest ahead, in layer runs from now (``ExpertFlowCache._next_use``). A key is
+needed each step with probability ``p``, a blend (``demand_weight``) of the predicted demand
+and its decayed use rate (the share of the layer's recent passes that needed it,
+half-life ``half_life`` passes: LFRU's signal), so its next use is about ``1 / p`` steps
+away; a layer that has not run yet this step may need it sooner, with its predicted
+demand. An expert the current step needs in a later pass of the same layer is kept over
+any other, the nearest pass first. Across layers (global mode) the same estimate ranks
+every key, so the pool follows predicted demand: PLEC.
+
+Timing model: a prefetch is issued one step ahead (while the previous step computes) and
+is assumed to arrive before its layer runs, so it never stalls; only demand misses stall
+(``projected_stall_s = demand_misses * bytes_per_expert / link bandwidth``). ``loads``
+counts both (``demand_misses + prefetch_loads``) and ``bytes_loaded`` all link traffic. A
+wasted prefetch costs bandwidth and may evict a key that is needed later, which then
+shows up as a demand miss. The assumption is optimistic when a step's compute is shorter
+than its prefetches' transfer; ``bytes_loaded`` shows how much the link must carry.
+
+Belady's loads are a lower bound on any policy's *loads* at the same capacity and budget
+mode (prefetching moves loads earlier, it cannot make fewer). ``expertflow``'s demand
+misses can fall below Belady's loads: what it prefetched correctly is not a miss.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import math
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from vllm_expertflow.core.policies import POLICIES, BeladyPolicy, StaticPolicy, make_policy
+from vllm_expertflow.core.predictors import DemandForecast, StepPredictor, make_predictor
 from vllm_expertflow.core.slot_cache import plan_passes
 from vllm_expertflow.core.slot_map import LayerCacheStats, SlotMap
 from vllm_expertflow.core.trace import RoutingTrace, read_trace
 
 BUDGET_MODES = ("per-layer", "global")
-GLOBAL_POLICIES = ("lru",)
+# The predictive cache engine; not a ReplacementPolicy (it prefetches and can span layers).
+EXPERTFLOW = "expertflow"
+SIM_POLICIES = (*sorted(POLICIES), EXPERTFLOW)
+GLOBAL_POLICIES = ("lru", "belady", EXPERTFLOW)
+EXPERTFLOW_OPTIONS = ("prefetch", "prefetch_threshold", "half_life", "demand_weight")
 # A PCIe 4.0 x16 link's sustained host-to-device rate, in GB/s.
 DEFAULT_LINK_GBPS = 25.0
 
@@ -49,15 +93,20 @@ class SimulationResult:
     num_tokens: int
     passes: int  # admissions over all layers; above steps * layers when steps were split
     hits: int  # distinct experts a pass needed that were resident
-    demand_misses: int  # distinct experts a pass needed that were not resident
-    loads: int  # experts copied in; equals demand_misses for demand-loading policies
+    demand_misses: int  # distinct experts a pass needed that were not resident: loads that stall
+    prefetch_loads: int  # experts copied in ahead of use (expertflow only; 0 for demand loading)
+    prefetch_hits: int  # prefetched experts that a pass needed before they were evicted
+    loads: int  # experts copied in: demand_misses + prefetch_loads
     evictions: int
     hit_rate: float  # hits / (hits + demand_misses)
     bytes_per_expert: int | None  # None: unknown, so bytes and stall are not projected
-    bytes_loaded: int | None
+    bytes_loaded: int | None  # all loads' bytes: the link's traffic
     link_gbps: float  # GB/s (1e9 bytes per second)
-    projected_stall_s: float | None  # bytes_loaded / link bandwidth, as if no load overlapped compute
+    # Demand misses' bytes / link bandwidth: a demand load stalls its layer, a prefetch is
+    # assumed to overlap compute (see the module docstring).
+    projected_stall_s: float | None
     per_layer: list[dict[str, Any]]
+    predictor: str | None = None  # expertflow's routing predictor
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -73,23 +122,58 @@ def simulate(
     link_gbps: float = DEFAULT_LINK_GBPS,
     policy_kwargs: Mapping[str, Any] | None = None,
     warmup_steps: int | None = None,
+    predictor: str | StepPredictor | DemandForecast | None = None,
 ) -> SimulationResult:
     """Replay ``trace`` under ``policy`` with ``capacity`` slots per layer.
 
     bytes_per_expert: defaults to the trace's own metadata, if it has one.
-    policy_kwargs: constructor arguments of the policy (e.g. ``half_life`` for lfru).
+    policy_kwargs: constructor arguments of the policy (e.g. ``half_life`` for lfru); for
+    ``expertflow`` the options in ``EXPERTFLOW_OPTIONS`` (see ``ExpertFlowCache``).
     warmup_steps: for ``static``, the leading steps whose expert counts rank the experts;
     ``None`` uses the whole trace (an in-sample, optimistic ranking). All steps are replayed.
+    predictor: for ``expertflow`` only: ``"history"`` (default), ``"frequency"``, the path
+    of a saved ``RoutingPathPredictor``, a predictor object, or a ``DemandForecast`` of this
+    trace (to replay many capacities without predicting again). A predictor's per-request
+    state is reset first; a named predictor learns online from the steps it has seen.
     """
     if not isinstance(trace, RoutingTrace):
         trace = read_trace(trace)
     _validate(trace, policy, capacity, budget_mode, link_gbps, warmup_steps)
+    if predictor is not None and policy != EXPERTFLOW:
+        raise ValueError(f"a predictor is only used by policy {EXPERTFLOW!r}, got one with policy {policy!r}")
     if bytes_per_expert is None:
         bytes_per_expert = trace.bytes_per_expert
     if bytes_per_expert is not None and bytes_per_expert < 0:
         raise ValueError(f"bytes_per_expert must be >= 0, got {bytes_per_expert}")
     num_layers = trace.num_layers
-    if budget_mode == "per-layer":
+    predictor_name = None
+    if policy == EXPERTFLOW:
+        if isinstance(predictor, DemandForecast):
+            forecast = predictor
+            expected = (trace.num_steps, trace.num_layers, trace.num_experts)
+            if forecast.demand.shape != expected:
+                raise ValueError(f"demand forecast has shape {forecast.demand.shape}, this trace needs {expected}")
+        else:
+            forecast = DemandForecast.of(
+                make_predictor(predictor if predictor is not None else "history", trace), trace
+            )
+        predictor_name = forecast.predictor
+        cache = ExpertFlowCache(
+            trace.num_experts,
+            num_layers,
+            capacity,
+            budget_mode=budget_mode,
+            min_per_layer=trace.top_k,
+            bytes_per_expert=bytes_per_expert or 0,
+            **_expertflow_options(policy_kwargs),
+        )
+        _replay_expertflow(trace, cache, forecast.demand)
+        stats = cache.stats
+        eviction = f"expertflow ({predictor_name} predictor) " + (
+            "per layer" if budget_mode == "per-layer" else "over (layer, expert) keys"
+        )
+        total_slots = cache.num_slots
+    elif budget_mode == "per-layer":
         stats = [
             _replay_layer(trace, layer, policy, capacity, bytes_per_expert or 0, policy_kwargs, warmup_steps)
             for layer in range(num_layers)
@@ -98,19 +182,26 @@ def simulate(
         total_slots = capacity * num_layers
     else:
         if policy_kwargs:
-            raise ValueError(f"global budget mode takes no policy arguments, got {sorted(policy_kwargs)}")
-        pool = _GlobalLRU(trace.num_experts, num_layers, capacity * num_layers, trace.top_k, bytes_per_expert or 0)
+            raise ValueError(
+                f"global budget mode takes no policy arguments for {policy!r}, got {sorted(policy_kwargs)}"
+            )
+        pool_args = (trace.num_experts, num_layers, capacity * num_layers, trace.top_k, bytes_per_expert or 0)
+        if policy == "belady":
+            pool: _GlobalLRU = _GlobalBelady(*pool_args, future=global_passes(trace, pool_args[2], trace.top_k))
+        else:
+            pool = _GlobalLRU(*pool_args)
         for step_ids in trace.iter_steps():
             for layer in range(num_layers):
                 pool.stats[layer].steps += 1
                 for needed in _step_passes(step_ids[:, layer, :], pool.max_pass_experts(layer)):
                     pool.admit(layer, needed)
         stats = pool.stats
-        eviction = "global LRU over (layer, expert) keys"
+        eviction = f"global {pool.rule} over (layer, expert) keys"
         total_slots = pool.num_slots
     hits = sum(s.hits for s in stats)
     misses = sum(s.misses for s in stats)
     loads = sum(s.loads for s in stats)
+    prefetch_loads = sum(getattr(s, "prefetch_loads", 0) for s in stats)
     bytes_loaded = None if bytes_per_expert is None else sum(s.bytes_loaded for s in stats)
     return SimulationResult(
         policy=policy,
@@ -126,17 +217,20 @@ def simulate(
         passes=sum(s.passes for s in stats),
         hits=hits,
         demand_misses=misses,
+        prefetch_loads=prefetch_loads,
+        prefetch_hits=sum(getattr(s, "prefetch_hits", 0) for s in stats),
         loads=loads,
         evictions=sum(s.evictions for s in stats),
         hit_rate=_ratio(hits, hits + misses),
         bytes_per_expert=bytes_per_expert,
         bytes_loaded=bytes_loaded,
         link_gbps=link_gbps,
-        projected_stall_s=None if bytes_loaded is None else bytes_loaded / (link_gbps * 1e9),
+        projected_stall_s=None if bytes_per_expert is None else misses * bytes_per_expert / (link_gbps * 1e9),
         per_layer=[
             {"layer": name, **s.as_dict(), "hit_rate": _ratio(s.hits, s.hits + s.misses)}
             for name, s in zip(trace.layer_names, stats, strict=True)
         ],
+        predictor=predictor_name,
     )
 
 
@@ -182,6 +276,8 @@ def _replay_layer(
 class _GlobalLRU:
     """One slot pool over ``(layer, expert)`` keys; the least recently used key leaves first."""
 
+    rule = "LRU"
+
     def __init__(self, num_experts: int, num_layers: int, num_slots: int, min_per_layer: int, bytes_per_expert: int):
         self.num_experts = num_experts
         self.num_slots = num_slots
@@ -197,6 +293,7 @@ class _GlobalLRU:
 
     def admit(self, layer: int, needed: list[int]) -> None:
         stats = self.stats[layer]
+        self._begin_pass()
         stats.passes += 1
         missing = []
         for expert in needed:
@@ -219,12 +316,308 @@ class _GlobalLRU:
             stats.loads += 1
             stats.bytes_loaded += self.bytes_per_expert
 
+    def _begin_pass(self) -> None:
+        """Hook for offline rules that need the admission's index."""
+
+    def _evictable(self, layer: int, protected: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        # Oldest first. A layer may evict its own keys below the floor, never another layer's.
+        return [
+            key
+            for key in self._recency
+            if key not in protected and (key[0] == layer or self._resident_count[key[0]] > self.min_per_layer)
+        ]
+
     def _victim(self, layer: int, protected: set[tuple[int, int]]) -> tuple[int, int]:
         for key in self._recency:
             owner = key[0]
             if key not in protected and (owner == layer or self._resident_count[owner] > self.min_per_layer):
                 return key
         raise RuntimeError(f"global pool of {self.num_slots} slots has no evictable expert for layer {layer}")
+
+
+class _GlobalBelady(_GlobalLRU):
+    """The pool of ``_GlobalLRU`` under Belady's rule: evict the key whose next use is farthest.
+
+    ``future[i]`` lists the keys the ``i``-th admission (over all layers, in execution
+    order) needs. Without the per-layer floor this is the offline optimum for the pooled
+    budget, as ``BeladyPolicy`` is for one layer; the floor can force a nearer victim, so
+    with it the result is a reference point, not a proven bound.
+    """
+
+    rule = "Belady"
+
+    def __init__(self, *args: Any, future: list[list[tuple[int, int]]]) -> None:
+        super().__init__(*args)
+        self._uses: dict[tuple[int, int], list[int]] = {}
+        for index, keys in enumerate(future):
+            for key in keys:
+                self._uses.setdefault(key, []).append(index)
+        self._future_len = len(future)
+        self._pass = -1
+
+    def _begin_pass(self) -> None:
+        self._pass += 1
+        if self._pass >= self._future_len:
+            raise RuntimeError(f"admission {self._pass} is past belady's known future of {self._future_len}")
+
+    def _next_use(self, key: tuple[int, int]) -> float:
+        uses = self._uses.get(key, [])
+        at = bisect.bisect_right(uses, self._pass)
+        return uses[at] if at < len(uses) else math.inf
+
+    def _victim(self, layer: int, protected: set[tuple[int, int]]) -> tuple[int, int]:
+        candidates = self._evictable(layer, protected)
+        if not candidates:
+            raise RuntimeError(f"global pool of {self.num_slots} slots has no evictable expert for layer {layer}")
+        return max(candidates, key=lambda key: (self._next_use(key), -key[0], -key[1]))
+
+
+def global_passes(trace: RoutingTrace, num_slots: int, min_per_layer: int) -> list[list[tuple[int, int]]]:
+    """The ``(layer, expert)`` sets a global pool of ``num_slots`` admits, in execution order."""
+    num_layers = trace.num_layers
+    max_pass = min(trace.num_experts, num_slots - (num_layers - 1) * min_per_layer)
+    return [
+        [(layer, expert) for expert in needed]
+        for step_ids in trace.iter_steps()
+        for layer in range(num_layers)
+        for needed in _step_passes(step_ids[:, layer, :], max_pass)
+    ]
+
+
+@dataclasses.dataclass
+class PrefetchLayerStats(LayerCacheStats):
+    # misses stay demand misses; loads count demand and prefetch loads.
+    prefetch_loads: int = 0
+    prefetch_hits: int = 0  # prefetched experts a pass needed before they were evicted
+
+
+class ExpertFlowCache:
+    """ExpertFlow's expert cache engine over ``(layer, expert)`` keys: bookkeeping only, no tensors.
+
+    Budget: ``per-layer`` gives each layer ``capacity`` slots; ``global`` (PLEC) shares
+    ``capacity * num_layers`` slots, so a layer with more predicted demand holds more
+    experts, and never takes another layer below ``min_per_layer`` (top_k) residents.
+    Drive it once per step: :meth:`begin_step` with the predicted demand, then
+    :meth:`admit` per layer and pass in execution order. The replay loop
+    ``_replay_expertflow`` shows the order; a live cache would copy the returned keys.
+
+    Options: ``prefetch`` (False: demand loading with predicted-demand eviction),
+    ``prefetch_threshold`` (the predicted probability that a step needs a key at which it
+    is prefetched), ``half_life`` (passes after which a use counts half in the use rate:
+    small is recency, large is frequency), ``demand_weight`` (the predicted demand's share
+    against the use rate in the per-step need probability). The defaults were chosen on a
+    recording of the bundled text model (benchmarks/cache_policies.py).
+
+    It tracks which experts are resident, not which slot holds them: a live cache would
+    pair it with a slot table as ``SlotMap`` does for the replacement policies.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        num_layers: int,
+        capacity: int,
+        *,
+        budget_mode: str = "per-layer",
+        min_per_layer: int = 1,
+        bytes_per_expert: int = 0,
+        prefetch: bool = True,
+        prefetch_threshold: float = 0.9,
+        half_life: float = 2.0,
+        demand_weight: float = 0.5,
+    ) -> None:
+        if budget_mode not in BUDGET_MODES:
+            raise ValueError(f"unknown budget mode {budget_mode!r}; valid modes are {list(BUDGET_MODES)}")
+        if not min_per_layer <= capacity <= num_experts:
+            raise ValueError(f"capacity must be in {min_per_layer}..{num_experts} slots per layer, got {capacity}")
+        if not 0.0 < prefetch_threshold <= 1.0:
+            raise ValueError(f"prefetch_threshold must be a probability in (0, 1], got {prefetch_threshold}")
+        if not half_life > 0:
+            raise ValueError(f"half_life must be a positive number of passes, got {half_life}")
+        if not 0.0 <= demand_weight <= 1.0:
+            raise ValueError(f"demand_weight must be in [0, 1], got {demand_weight}")
+        self.num_experts = num_experts
+        self.num_layers = num_layers
+        self.budget_mode = budget_mode
+        self.num_slots = capacity * num_layers
+        self.layer_slots = capacity if budget_mode == "per-layer" else num_experts
+        self.min_per_layer = min_per_layer
+        self.bytes_per_expert = bytes_per_expert
+        self.prefetch = prefetch
+        self.prefetch_threshold = prefetch_threshold
+        self.stats = [PrefetchLayerStats() for _ in range(num_layers)]
+        self._resident: list[set[int]] = [set() for _ in range(num_layers)]
+        self._demand = np.zeros((num_layers, num_experts))  # this step's predicted P(needed)
+        self._decay = 2.0 ** (-1.0 / half_life)
+        # Use rate: decayed uses per key over decayed passes per layer, both as of the layer's pass clock.
+        self._uses = np.zeros((num_layers, num_experts))
+        self._passes = np.zeros(num_layers)
+        self._last_use = np.zeros((num_layers, num_experts), dtype=np.int64)  # global pass tick; tie-break
+        self._tick = 0
+        self._current_layer = -1  # the layer whose pass runs; -1 before the step's first layer
+        self.demand_weight = demand_weight
+        self._unused_prefetch: set[tuple[int, int]] = set()
+
+    def resident(self, layer: int) -> set[int]:
+        return set(self._resident[layer])
+
+    def max_pass_experts(self, layer: int) -> int:
+        """The most distinct experts one pass of ``layer`` may need (the pass planner's capacity)."""
+        if self.budget_mode == "per-layer":
+            return self.layer_slots
+        return min(self.num_experts, self.num_slots - (self.num_layers - 1) * self.min_per_layer)
+
+    def begin_step(self, demand: np.ndarray) -> list[tuple[int, int]]:
+        """Take the step's predicted demand ``[L, E]`` (P(the step needs the key)); returns the keys prefetched."""
+        demand = np.asarray(demand, dtype=np.float64)
+        if demand.shape != (self.num_layers, self.num_experts):
+            raise ValueError(f"demand must be [{self.num_layers}, {self.num_experts}], got {demand.shape}")
+        self._demand = demand
+        self._current_layer = -1
+        if not self.prefetch:
+            return []
+        # A layer expected to need more experts than one pass holds will run in passes whose
+        # order depends on the actual routing, and a pass evicts what the next one would use:
+        # prefetching there mostly wastes loads, so only layers expected to fit one pass prefetch.
+        expected = demand.sum(axis=1)
+        fits = expected <= np.array([self.max_pass_experts(layer) for layer in range(self.num_layers)])
+        if self.budget_mode == "global":
+            # Likewise, keys prefetched for a late layer are evicted by the earlier layers' own
+            # demand unless the step's expected working set up to that layer fits the pool.
+            fits &= np.cumsum(expected) <= self.num_slots
+        wanted = np.argwhere((demand >= self.prefetch_threshold) & fits[:, None])
+        # Most likely first; on ties the earlier layer, which runs first.
+        order = sorted(((-demand[layer, expert], layer, expert) for layer, expert in wanted.tolist()))
+        protected = {(layer, expert) for _, layer, expert in order}
+        fetched = []
+        for _, layer, expert in order:
+            if expert in self._resident[layer]:
+                continue
+            if not self._has_room(layer):
+                victim = self._victim(layer, protected, {})
+                if victim is None or self._next_use(*victim, {}) <= self._next_use(layer, expert, {}):
+                    continue
+                self._evict(victim)
+            self._load(layer, expert)
+            self.stats[layer].prefetch_loads += 1
+            self._unused_prefetch.add((layer, expert))
+            fetched.append((layer, expert))
+        return fetched
+
+    def admit(self, layer: int, needed: Sequence[int], later: Sequence[Sequence[int]] = ()) -> list[int]:
+        """Make ``needed`` resident for one pass of ``layer``; returns the experts demand-loaded.
+
+        ``later``: the expert sets of the same step's later passes of this layer, known once
+        its router has run; they are kept over everything else, the nearest pass first.
+        """
+        needed = list(dict.fromkeys(int(e) for e in needed))
+        if len(needed) > self.max_pass_experts(layer):
+            raise ValueError(
+                f"{len(needed)} distinct experts needed at once but layer {layer} may hold {self.max_pass_experts(layer)}"
+            )
+        stats = self.stats[layer]
+        stats.passes += 1
+        self._tick += 1
+        self._current_layer = layer
+        soon: dict[int, int] = {}
+        for distance, experts in enumerate(later, start=1):
+            for expert in experts:
+                soon.setdefault(int(expert), distance)
+        protected = {(layer, expert) for expert in needed}
+        loaded = []
+        for expert in needed:
+            if expert in self._resident[layer]:
+                stats.hits += 1
+                if (layer, expert) in self._unused_prefetch:
+                    self._unused_prefetch.discard((layer, expert))
+                    stats.prefetch_hits += 1
+                continue
+            stats.misses += 1
+            if not self._has_room(layer):
+                victim = self._victim(layer, protected, soon)
+                if victim is None:
+                    raise RuntimeError(f"no evictable expert for layer {layer}: every resident one is needed now")
+                self._evict(victim)
+            self._load(layer, expert)
+            loaded.append(expert)
+        # Update the use rate: every key of this layer decays by one pass, the needed ones gain a use.
+        self._uses[layer] *= self._decay
+        self._passes[layer] = self._passes[layer] * self._decay + 1.0
+        self._uses[layer, needed] += 1.0
+        self._last_use[layer, needed] = self._tick
+        return loaded
+
+    def _has_room(self, layer: int) -> bool:
+        if len(self._resident[layer]) >= self.layer_slots:
+            return False
+        return sum(len(r) for r in self._resident) < self.num_slots
+
+    def _next_use(self, layer: int, expert: int, soon: Mapping[int, int]) -> float:
+        """Expected layer runs until ``(layer, expert)`` is needed, seen from the current layer; evict the farthest.
+
+        The step's own later passes of the current layer come first, nearest first. A layer
+        that has not run yet this step needs the key now with its predicted demand; after
+        that, each step needs it with probability ``p``, a blend of the predicted demand
+        and the key's use rate, and the wait until then is geometric (``1 / p`` steps).
+        """
+        if expert in soon:
+            return soon[expert] * 1e-6
+        num_layers = self.num_layers
+        rate = self._uses[layer, expert] / self._passes[layer] if self._passes[layer] else 0.0
+        weight = self.demand_weight
+        p = min(max(weight * self._demand[layer, expert] + (1.0 - weight) * rate, 1e-3), 1.0)
+        ahead = layer - self._current_layer
+        if ahead > 0:
+            return ahead + (1.0 - self._demand[layer, expert]) * num_layers / p
+        return ahead + num_layers / p
+
+    def _victim(self, layer: int, protected: set[tuple[int, int]], soon: Mapping[int, int]) -> tuple[int, int] | None:
+        if self.budget_mode == "per-layer" or len(self._resident[layer]) >= self.layer_slots:
+            owners = [layer]
+        else:
+            # A layer may evict its own keys below the floor, never another layer's.
+            owners = [o for o in range(self.num_layers) if o == layer or len(self._resident[o]) > self.min_per_layer]
+        best: tuple[float, int, int, int] | None = None
+        for owner in owners:
+            owner_soon = soon if owner == layer else {}
+            for expert in self._resident[owner]:
+                if (owner, expert) in protected:
+                    continue
+                # Farthest expected next use first; on ties the least recently used.
+                rank = (-self._next_use(owner, expert, owner_soon), int(self._last_use[owner, expert]), owner, expert)
+                if best is None or rank < best:
+                    best = rank
+        return None if best is None else (best[2], best[3])
+
+    def _load(self, layer: int, expert: int) -> None:
+        self._resident[layer].add(expert)
+        self.stats[layer].loads += 1
+        self.stats[layer].bytes_loaded += self.bytes_per_expert
+
+    def _evict(self, key: tuple[int, int]) -> None:
+        layer, expert = key
+        self._resident[layer].discard(expert)
+        self._unused_prefetch.discard(key)
+        self.stats[layer].evictions += 1
+
+
+def _replay_expertflow(trace: RoutingTrace, cache: ExpertFlowCache, demand: np.ndarray) -> None:
+    # demand[i]: step i's forecast, made before step i from earlier steps only (DemandForecast).
+    for index, step_ids in enumerate(trace.iter_steps()):
+        cache.begin_step(demand[index])
+        for layer in range(trace.num_layers):
+            cache.stats[layer].steps += 1
+            passes = _step_passes(step_ids[:, layer, :], cache.max_pass_experts(layer))
+            for pass_index, needed in enumerate(passes):
+                cache.admit(layer, needed, passes[pass_index + 1 :])
+
+
+def _expertflow_options(policy_kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+    options = dict(policy_kwargs or {})
+    unknown = sorted(set(options) - set(EXPERTFLOW_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown expertflow option(s) {unknown}; valid options are {list(EXPERTFLOW_OPTIONS)}")
+    return options
 
 
 def _validate(
@@ -237,12 +630,15 @@ def _validate(
 ) -> None:
     if budget_mode not in BUDGET_MODES:
         raise ValueError(f"unknown budget mode {budget_mode!r}; valid modes are {list(BUDGET_MODES)}")
-    if policy not in POLICIES:
-        raise ValueError(f"unknown replacement policy {policy!r}; valid policies are {sorted(POLICIES)}")
+    if policy not in SIM_POLICIES:
+        raise ValueError(
+            f"unknown replacement policy {policy!r}; valid policies are {sorted(POLICIES)}, and {EXPERTFLOW!r} "
+            f"(predictive prefetch)"
+        )
     if budget_mode == "global" and policy not in GLOBAL_POLICIES:
         raise ValueError(
             f"policy {policy!r} is not available in global budget mode yet; valid policies there are "
-            f"{list(GLOBAL_POLICIES)}, or use budget mode 'per-layer' for {sorted(POLICIES)}"
+            f"{list(GLOBAL_POLICIES)}, or use budget mode 'per-layer' for {list(SIM_POLICIES)}"
         )
     if not trace.top_k <= capacity <= trace.num_experts:
         raise ValueError(

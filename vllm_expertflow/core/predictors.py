@@ -1,0 +1,594 @@
+"""Routing predictors: which experts a step's tokens will need, layer by layer, before the step runs.
+
+A prediction only decides what the cache loads ahead of time; the model's own router still
+decides the routing, so a wrong prediction costs a load, never accuracy.
+
+Step-level predictors (``FrequencyPredictor``, ``HistoryPredictor``, ``RoutingPathPredictor``)
+share one contract, driven once per engine step in execution order:
+
+- ``predict_proba(request_ids [T] str, positions [T] int) -> [T, L, E] float32``: the
+  probability that each token of the coming step routes to each expert of each MoE layer,
+  from what ``observe`` has shown of earlier steps only.
+- ``predict(request_ids, positions) -> [T, L, K] int32``: each token's ``top_k`` predicted
+  experts per layer.
+- ``observe(request_ids, positions, topk_ids [T, L, K])``: the step ran; remember its routing.
+- ``reset()``: forget per-request state (learned weights and fitted statistics stay).
+- ``fit(traces)``: learn from recorded traces (``docs/trace-format.md``).
+
+What they may look at is what a trace holds before the step: the request id, the token's
+position and the routing of the request's earlier steps (``RequestHistory``). None sees the
+token itself, so a request's first step (its prefill) is predicted from population
+statistics alone.
+
+``LookaheadPredictor`` is the other kind (Mixtral-offloading's speculative loading): inside
+a step, the next layers' routers applied to the current hidden state. It needs model
+weights and hidden states, so it is not a step-level predictor and is not wired into vLLM.
+
+``evaluate_predictor`` replays a trace and scores the step-level predictors per layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vllm_expertflow.core.trace import RoutingTrace
+
+# Log2 buckets of the token's position: 0, 1, 2-3, 4-7, ..., >= 1024. Routing drifts with
+# the position mostly early in a request, so coarse buckets late are enough.
+POSITION_BUCKETS = 12
+
+
+def position_buckets(positions: np.ndarray) -> np.ndarray:
+    """``positions: [T] int`` -> ``[T] int64`` log2 bucket index in ``0..POSITION_BUCKETS-1``."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size and positions.min() < 0:
+        raise ValueError(f"positions must be >= 0, got {int(positions.min())}")
+    # The bit length of the position: 0 -> 0, 1 -> 1, 2..3 -> 2, 4..7 -> 3, ...
+    bits = np.where(positions > 0, np.floor(np.log2(np.maximum(positions, 1))) + 1, 0).astype(np.int64)
+    return np.minimum(bits, POSITION_BUCKETS - 1)
+
+
+def multi_hot(topk_ids: np.ndarray, num_experts: int) -> np.ndarray:
+    """``topk_ids: [T, L, K]`` expert ids -> ``[T, L, E] float32``, 1 where a token routed to the expert."""
+    topk_ids = np.asarray(topk_ids)
+    out = np.zeros((*topk_ids.shape[:2], num_experts), dtype=np.float32)
+    np.put_along_axis(out, topk_ids.astype(np.int64), 1.0, axis=2)
+    return out
+
+
+class RequestHistory:
+    """Per-request summaries of earlier steps' routing: every step-level predictor's input.
+
+    For each request it keeps ``[L, E]`` float32 arrays:
+    ``last``: multi-hot of the request's latest token at its latest step (a decode token's
+    previous token); ``ema``: the mean routing of each step, averaged with weight
+    ``ema_decay`` on the past (the request's expert affinity); ``first``: the mean routing of
+    the request's first step (its prefill, or its first chunk), a summary of the prompt.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, ema_decay: float = 0.7) -> None:
+        if not 0.0 <= ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.ema_decay = ema_decay
+        self._state: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # id -> (last, ema, first)
+
+    def reset(self) -> None:
+        self._state.clear()
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request (live use: a trace never says when a request ends)."""
+        self._state.pop(request_id, None)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._state
+
+    def gather(self, request_ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per token: ``known [T] bool`` and ``last, ema, first: [T, L, E] float32`` (zeros when unknown)."""
+        shape = (len(request_ids), self.num_layers, self.num_experts)
+        known = np.zeros(len(request_ids), dtype=bool)
+        last, ema, first = (np.zeros(shape, dtype=np.float32) for _ in range(3))
+        for i, request in enumerate(request_ids):
+            state = self._state.get(str(request))
+            if state is not None:
+                known[i] = True
+                last[i], ema[i], first[i] = state
+        return known, last, ema, first
+
+    def observe(self, request_ids: Sequence[str], positions: np.ndarray, topk_ids: np.ndarray) -> None:
+        """Fold one step's routing (``topk_ids: [T, L, K]``) into its requests' summaries."""
+        requests = np.asarray([str(r) for r in request_ids])
+        if requests.size == 0:
+            return
+        hot = multi_hot(topk_ids, self.num_experts)
+        positions = np.asarray(positions)
+        names, inverse = np.unique(requests, return_inverse=True)
+        for index, name in enumerate(names):
+            rows = np.flatnonzero(inverse == index)
+            mean = hot[rows].mean(axis=0)
+            last = hot[rows[np.argmax(positions[rows])]]
+            state = self._state.get(str(name))
+            if state is None:
+                self._state[str(name)] = (last, mean, mean)
+            else:
+                _, ema, first = state
+                self._state[str(name)] = (last, self.ema_decay * ema + (1.0 - self.ema_decay) * mean, first)
+
+
+class StepPredictor:
+    """Base of the step-level predictors; see the module docstring for the contract."""
+
+    name = ""
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        if num_layers < 1 or num_experts < 1 or not 1 <= top_k <= num_experts:
+            raise ValueError(
+                f"need num_layers >= 1, num_experts >= 1 and top_k in 1..num_experts; got num_layers={num_layers}, "
+                f"num_experts={num_experts}, top_k={top_k}"
+            )
+        self.num_layers = num_layers
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.history = RequestHistory(num_layers, num_experts)
+        # Routing counts per layer over everything fitted or observed; starts uniform (1 each).
+        self._counts = np.ones((num_layers, num_experts), dtype=np.float64)
+
+    def check_trace(self, trace: RoutingTrace) -> None:
+        """Raise if ``trace`` has another shape of routing than this predictor was built for."""
+        if (trace.num_layers, trace.num_experts, trace.top_k) != (self.num_layers, self.num_experts, self.top_k):
+            raise ValueError(
+                f"{self.name} predictor is for {self.num_layers} layers x {self.num_experts} experts, top_k "
+                f"{self.top_k}, but the trace has {trace.num_layers} x {trace.num_experts}, top_k {trace.top_k}"
+            )
+
+    def reset(self) -> None:
+        self.history.reset()
+
+    def fit(self, traces: Iterable[RoutingTrace]) -> None:
+        """Base statistics: each layer's expert frequency over the traces."""
+        for trace in traces:
+            self.check_trace(trace)
+            self._counts += multi_hot(trace.topk_ids, self.num_experts).sum(axis=0)
+
+    def frequency(self) -> np.ndarray:
+        """``[L, E]``: the share of routings each expert got, per layer (rows sum to 1)."""
+        return self._counts / self._counts.sum(axis=1, keepdims=True)
+
+    def predict_proba(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``[T, L, K] int32``: each token's ``top_k`` most probable experts per layer (ties: lower id)."""
+        proba = self.predict_proba(request_ids, positions)
+        return np.argsort(-proba, axis=2, kind="stable")[..., : self.top_k].astype(np.int32)
+
+    def observe(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray, topk_ids: np.ndarray) -> None:
+        topk_ids = np.asarray(topk_ids)
+        self._counts += multi_hot(topk_ids, self.num_experts).sum(axis=0)
+        self.history.observe(request_ids, np.asarray(positions), topk_ids)
+
+
+class FrequencyPredictor(StepPredictor):
+    """Trivial baseline: every token gets each layer's most frequent experts (what a static cache assumes)."""
+
+    name = "frequency"
+
+    def predict_proba(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        # k * share is the expected routings per token; clipped, it reads as a probability.
+        proba = np.minimum(self.top_k * self.frequency(), 1.0).astype(np.float32)
+        return np.broadcast_to(proba, (len(request_ids), *proba.shape)).copy()
+
+
+class HistoryPredictor(StepPredictor):
+    """A token routes as its request's previous token did; a new request gets the frequency top-k.
+
+    Probabilities are calibrated online: an expert of the previous step recurs with the
+    measured per-layer repeat rate, and the rest of the ``top_k`` expected routings are
+    spread over the other experts by frequency. ``predict`` returns the previous step's
+    experts exactly.
+    """
+
+    name = "history"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int) -> None:
+        super().__init__(num_layers, num_experts, top_k)
+        # Per layer: how many previous-step experts recurred, out of how many were carried over.
+        # Starts at 1 / 2: an uninformed prior worth two observations.
+        self._repeated = np.ones(num_layers)
+        self._carried = np.full(num_layers, 2.0)
+
+    def repeat_rate(self) -> np.ndarray:
+        """``[L]``: the probability that an expert of a request's previous token is routed again."""
+        return self._repeated / self._carried
+
+    def fit(self, traces: Iterable[RoutingTrace]) -> None:
+        for trace in traces:
+            super().fit([trace])
+            self.history.reset()
+            for start, end in trace.step_bounds():
+                self._count_repeats(trace.request_id[start:end], trace.topk_ids[start:end])
+                self.history.observe(trace.request_id[start:end], trace.position[start:end], trace.topk_ids[start:end])
+            self.history.reset()
+
+    def observe(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray, topk_ids: np.ndarray) -> None:
+        self._count_repeats(request_ids, np.asarray(topk_ids))
+        super().observe(request_ids, positions, topk_ids)
+
+    def _count_repeats(self, request_ids: Sequence[str], topk_ids: np.ndarray) -> None:
+        known, last, _, _ = self.history.gather(request_ids)
+        if known.any():
+            hot = multi_hot(topk_ids[known], self.num_experts)
+            self._repeated += (hot * last[known]).sum(axis=(0, 2))
+            self._carried += last[known].sum(axis=(0, 2))
+
+    def predict_proba(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        known, last, _, _ = self.history.gather(request_ids)
+        share = self.frequency()[None]  # [1, L, E]
+        unknown = np.minimum(self.top_k * share, 1.0)
+        repeat = self.repeat_rate()[None, :, None]
+        # Expected routings left for the other experts, spread over them by frequency.
+        others = share * (1.0 - last)
+        others = others / np.maximum(others.sum(axis=2, keepdims=True), 1e-12)
+        carried = np.minimum(last * repeat + (1.0 - last) * self.top_k * (1.0 - repeat) * others, 1.0)
+        return np.where(known[:, None, None], carried, unknown).astype(np.float32)
+
+    def predict(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        known, last, _, _ = self.history.gather(request_ids)
+        ranked = super().predict(request_ids, positions)
+        # Previous-step experts first, whatever the calibrated rate says about frequent others.
+        carried = np.argsort(-last, axis=2, kind="stable")[..., : self.top_k].astype(np.int32)
+        return np.where(known[:, None, None], carried, ranked)
+
+
+class RoutingPathNet(nn.Module):
+    """``x: [T, F]`` features (``RoutingPathPredictor.features``) -> ``[T, L * E]`` routing logits.
+
+    A learned per-(layer, expert) weight on the request's previous-token, average and
+    prefill routing, plus an MLP over all features for what crosses experts and layers
+    (co-routing, layer-to-layer paths, position). The direct weights start where
+    ``HistoryPredictor`` stands (previous experts likely, the rest at the base rate) and
+    the MLP's output starts at zero, so training begins from the history baseline instead
+    of relearning an identity map from a few thousand tokens.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, hidden: int) -> None:
+        super().__init__()
+        self.width = num_layers * num_experts
+        self.mlp = nn.Sequential(
+            nn.Linear(1 + 3 * self.width + POSITION_BUCKETS, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, self.width),
+        )
+        nn.init.zeros_(self.mlp[-1].weight)
+        base_rate = top_k / num_experts
+        nn.init.constant_(self.mlp[-1].bias, float(np.log(base_rate / (1.0 - base_rate))) if base_rate < 1 else 0.0)
+        # Rows: previous token, average over steps, prefill; logit units.
+        self.direct = nn.Parameter(torch.tensor([[4.0], [2.0], [0.0]]).repeat(1, self.width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        routing = x[:, 1 : 1 + 3 * self.width].reshape(-1, 3, self.width)
+        return self.mlp(x) + (routing * self.direct).sum(dim=1)
+
+
+class RoutingPathPredictor(StepPredictor):
+    """A small learned routing-path predictor in the spirit of ExpertFlow's RPP (an MLP, not a T5).
+
+    One forward pass per step predicts every layer's experts for every token of the step
+    (``[T, L, E]``), trained with per-layer, per-expert binary cross-entropy
+    (``RoutingPathNet``: direct weights on the request's routing history plus an MLP,
+    about 51k parameters for 4 layers x 16 experts, 3.2M for 48 x 128). Features, all
+    known before the step's first MoE layer (see ``RequestHistory``): whether the request
+    was seen before, its previous token's routing, its routing average over earlier steps,
+    its first step's (prefill's) mean routing, and the token's log2 position bucket. It does
+    not see the token id or the hidden state (ExpertFlow's RPP reads the input tokens), so
+    a request's prefill is predicted from the position alone.
+    """
+
+    name = "learned"
+
+    def __init__(
+        self, num_layers: int, num_experts: int, top_k: int, *, hidden: int = 128, ema_decay: float = 0.7, seed: int = 0
+    ) -> None:
+        super().__init__(num_layers, num_experts, top_k)
+        if hidden < 1:
+            raise ValueError(f"hidden must be >= 1, got {hidden}")
+        self.hidden = hidden
+        self.history = RequestHistory(num_layers, num_experts, ema_decay)
+        torch.manual_seed(seed)
+        self.model = RoutingPathNet(num_layers, num_experts, top_k, hidden)
+        self.model.eval()
+
+    def features(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``[T, 1 + 3 * L * E + POSITION_BUCKETS] float32``, from the request history as it stands."""
+        known, last, ema, first = self.history.gather(request_ids)
+        count = len(request_ids)
+        buckets = np.zeros((count, POSITION_BUCKETS), dtype=np.float32)
+        buckets[np.arange(count), position_buckets(np.asarray(positions))] = 1.0
+        flat = [a.reshape(count, -1) for a in (last, ema, first)]
+        return np.concatenate([known[:, None].astype(np.float32), *flat, buckets], axis=1)
+
+    def predict_proba(self, request_ids: Sequence[str], positions: Sequence[int] | np.ndarray) -> np.ndarray:
+        if len(request_ids) == 0:
+            return np.zeros((0, self.num_layers, self.num_experts), dtype=np.float32)
+        x = torch.from_numpy(self.features(request_ids, positions))
+        with torch.no_grad():
+            logits = self.model(x)
+        return torch.sigmoid(logits).numpy().reshape(len(request_ids), self.num_layers, self.num_experts)
+
+    def dataset(self, traces: Iterable[RoutingTrace]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay ``traces`` step by step: ``x [N, F]`` features before each step, ``y [N, L * E]`` routing."""
+        xs, ys = [], []
+        for trace in traces:
+            self.check_trace(trace)
+            self.history.reset()
+            for start, end in trace.step_bounds():
+                requests, positions, ids = (
+                    trace.request_id[start:end],
+                    trace.position[start:end],
+                    trace.topk_ids[start:end],
+                )
+                xs.append(self.features(requests, positions))
+                ys.append(multi_hot(ids, self.num_experts).reshape(end - start, -1))
+                self.history.observe(requests, positions, ids)
+        self.history.reset()
+        if not xs:
+            raise ValueError("no tokens to learn from: every trace given to fit is empty")
+        return torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys))
+
+    def fit(
+        self,
+        traces: Iterable[RoutingTrace],
+        *,
+        epochs: int = 10,
+        batch_size: int = 256,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-4,
+        seed: int = 0,
+    ) -> list[float]:
+        """Train on ``traces``; returns the mean BCE loss of each epoch."""
+        traces = list(traces)
+        super().fit(traces)
+        x, y = self.dataset(traces)
+        generator = torch.Generator().manual_seed(seed)
+        optimizer = torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=weight_decay)
+        loss_fn = nn.BCEWithLogitsLoss()
+        losses = []
+        self.model.train()
+        # A model this small trains fastest on one thread; more only contend on a shared CPU.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for _ in range(epochs):
+                order = torch.randperm(len(x), generator=generator)
+                total = 0.0
+                for batch in order.split(batch_size):
+                    loss = loss_fn(self.model(x[batch]), y[batch])
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    total += float(loss.detach()) * len(batch)
+                losses.append(total / len(x))
+        finally:
+            torch.set_num_threads(threads)
+            self.model.eval()
+        return losses
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        config = {
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "hidden": self.hidden,
+            "ema_decay": self.history.ema_decay,
+        }
+        torch.save({"kind": self.name, "config": config, "state_dict": self.model.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RoutingPathPredictor:
+        # weights_only: a predictor file is data, and unpickling arbitrary objects could run code.
+        try:
+            saved: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            raise ValueError(f"{path} is not a saved routing predictor (RoutingPathPredictor.save): {e}") from None
+        if not isinstance(saved, dict) or saved.get("kind") != cls.name:
+            raise ValueError(f"{path} is not a saved {cls.name} routing predictor (RoutingPathPredictor.save)")
+        predictor = cls(**saved["config"])
+        predictor.model.load_state_dict(saved["state_dict"])
+        return predictor
+
+
+class LookaheadPredictor:
+    """Speculative routing: the next layers' routers applied to the current layer's hidden state.
+
+    Residual streams change little from one layer to the next, so layer ``l + d``'s router on
+    layer ``l``'s input approximates layer ``l + d``'s routing (Mixtral-offloading's
+    speculative loading). ``router_weights[l]: [E, H]``, the gate of MoE layer ``l``
+    (``logits = hidden @ W.T``).
+    """
+
+    def __init__(self, router_weights: Sequence[torch.Tensor], top_k: int) -> None:
+        if not router_weights:
+            raise ValueError("router_weights is empty; give one [num_experts, hidden] gate matrix per MoE layer")
+        shape = tuple(router_weights[0].shape)
+        for layer, weight in enumerate(router_weights):
+            if weight.ndim != 2 or tuple(weight.shape) != shape:
+                raise ValueError(f"router_weights[{layer}] has shape {tuple(weight.shape)}; every gate must be {shape}")
+        if not 1 <= top_k <= shape[0]:
+            raise ValueError(f"top_k must be in 1..{shape[0]} (experts per layer), got {top_k}")
+        self.weights = [w.detach().float() for w in router_weights]
+        self.num_layers = len(router_weights)
+        self.num_experts, self.hidden_size = shape
+        self.top_k = top_k
+
+    def predict_proba(self, hidden_states: torch.Tensor, layer: int) -> torch.Tensor:
+        """``hidden_states: [T, H]`` -> ``[T, E] float32``, softmax of ``layer``'s router on them."""
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer {layer} out of range 0..{self.num_layers - 1}")
+        if hidden_states.ndim != 2 or hidden_states.shape[1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states must be [num_tokens, {self.hidden_size}], got {tuple(hidden_states.shape)}"
+            )
+        return torch.softmax(hidden_states.float() @ self.weights[layer].T, dim=-1)
+
+    def predict(self, hidden_states: torch.Tensor, from_layer: int, lookahead: int = 1) -> torch.Tensor:
+        """``[T, n, K] int32``: layers ``from_layer + 1 .. from_layer + lookahead``'s top_k on ``hidden_states``.
+
+        ``n`` is ``lookahead`` cut at the last layer (0 past it).
+        """
+        if lookahead < 1:
+            raise ValueError(f"lookahead must be >= 1 layers, got {lookahead}")
+        layers = range(from_layer + 1, min(from_layer + 1 + lookahead, self.num_layers))
+        if not 0 <= from_layer < self.num_layers:
+            raise ValueError(f"from_layer {from_layer} out of range 0..{self.num_layers - 1}")
+        picks = [torch.topk(self.predict_proba(hidden_states, layer), self.top_k, dim=-1).indices for layer in layers]
+        if not picks:
+            return torch.zeros((hidden_states.shape[0], 0, self.top_k), dtype=torch.int32)
+        return torch.stack(picks, dim=1).to(torch.int32)
+
+
+PREDICTORS: dict[str, type[StepPredictor]] = {
+    cls.name: cls for cls in (FrequencyPredictor, HistoryPredictor, RoutingPathPredictor)
+}
+
+
+def make_predictor(spec: str | StepPredictor, trace: RoutingTrace) -> StepPredictor:
+    """A predictor for ``trace``: a name (``frequency``, ``history``), a saved learned predictor's path, or one built.
+
+    Named predictors start empty and learn online from the steps they observe.
+    """
+    if isinstance(spec, StepPredictor):
+        predictor = spec
+    elif spec in ("frequency", "history"):
+        predictor = PREDICTORS[spec](trace.num_layers, trace.num_experts, trace.top_k)
+    elif os.path.isfile(spec):
+        predictor = RoutingPathPredictor.load(spec)
+    else:
+        raise ValueError(
+            f"unknown predictor {spec!r}; valid choices are 'frequency', 'history', or the path of a file written by "
+            f"RoutingPathPredictor.save (scripts/train_predictor.py)"
+        )
+    predictor.check_trace(trace)
+    return predictor
+
+
+def step_demand(proba: np.ndarray) -> np.ndarray:
+    """``proba: [T, L, E]`` per-token probabilities -> ``[L, E]``: P(the step needs the expert at all).
+
+    Treats the step's tokens as independent: ``1 - prod_tokens(1 - p)``.
+    """
+    return 1.0 - np.prod(1.0 - np.asarray(proba, dtype=np.float64), axis=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemandForecast:
+    """A step-level predictor's demand forecast for every step of one trace, computed once.
+
+    The forecast depends on the trace alone, never on a cache, so one forecast serves a
+    replay at every capacity and budget mode (``simulate(..., predictor=forecast)``).
+    """
+
+    predictor: str  # the predictor's name
+    demand: np.ndarray  # [num_steps, L, E] float64: P(step needs (layer, expert)), from earlier steps only
+
+    @classmethod
+    def of(cls, predictor: StepPredictor, trace: RoutingTrace) -> DemandForecast:
+        """Replay ``trace`` through ``predictor`` (its request state reset before and after)."""
+        predictor.check_trace(trace)
+        predictor.reset()
+        demand = np.zeros((trace.num_steps, trace.num_layers, trace.num_experts))
+        for index, (start, end) in enumerate(trace.step_bounds()):
+            requests, positions = trace.request_id[start:end], trace.position[start:end]
+            demand[index] = step_demand(predictor.predict_proba(requests, positions))
+            predictor.observe(requests, positions, trace.topk_ids[start:end])
+        predictor.reset()
+        return cls(predictor.name, demand)
+
+
+def evaluate_predictor(predictor: StepPredictor, trace: RoutingTrace) -> dict[str, dict[str, float]]:
+    """Replay ``trace`` and score ``predictor``'s expert sets, per layer.
+
+    The predictor's request state is reset first, then it predicts each step before
+    observing it. Per layer (keyed by layer name):
+
+    - ``precision`` / ``recall``: of the step's predicted expert set (the union of its
+      tokens' predicted top_k) against the set the step needed, summed over steps: the
+      set a cache would prefetch against the set it had to hold.
+    - ``token_recall``: the share of a token's true top_k experts among its predicted top_k
+      (equal to the token-level precision, both sets having top_k experts).
+    - ``steps``: steps scored.
+    """
+    predictor.check_trace(trace)
+    predictor.reset()
+    layers = trace.num_layers
+    hit_sets = np.zeros(layers)
+    predicted_sets = np.zeros(layers)
+    needed_sets = np.zeros(layers)
+    token_hits = np.zeros(layers)
+    steps = 0
+    for start, end in trace.step_bounds():
+        requests, positions, ids = trace.request_id[start:end], trace.position[start:end], trace.topk_ids[start:end]
+        guess = predictor.predict(requests, positions)
+        true_hot = multi_hot(ids, trace.num_experts)  # [T, L, E]
+        guess_hot = multi_hot(guess, trace.num_experts)
+        token_hits += (true_hot * guess_hot).sum(axis=(0, 2))
+        needed, predicted = true_hot.max(axis=0), guess_hot.max(axis=0)  # [L, E] step unions
+        hit_sets += (needed * predicted).sum(axis=1)
+        predicted_sets += predicted.sum(axis=1)
+        needed_sets += needed.sum(axis=1)
+        steps += 1
+        predictor.observe(requests, positions, ids)
+    predictor.reset()
+    tokens = max(trace.num_tokens, 1) * trace.top_k
+    return {
+        name: {
+            "precision": float(hit_sets[layer] / predicted_sets[layer]) if predicted_sets[layer] else 0.0,
+            "recall": float(hit_sets[layer] / needed_sets[layer]) if needed_sets[layer] else 0.0,
+            "token_recall": float(token_hits[layer] / tokens),
+            "steps": steps,
+        }
+        for layer, name in enumerate(trace.layer_names)
+    }
+
+
+def select_requests(trace: RoutingTrace, request_ids: Iterable[str]) -> RoutingTrace:
+    """The sub-trace of ``request_ids``' tokens, in their original steps (steps left empty vanish)."""
+    keep = np.isin(trace.request_id, np.asarray(sorted({str(r) for r in request_ids})))
+    return RoutingTrace(
+        topk_ids=trace.topk_ids[keep],
+        step_id=trace.step_id[keep],
+        request_id=trace.request_id[keep],
+        position=trace.position[keep],
+        num_experts=trace.num_experts,
+        top_k=trace.top_k,
+        layer_names=list(trace.layer_names),
+        bytes_per_expert=trace.bytes_per_expert,
+    )
+
+
+def split_requests(trace: RoutingTrace, held_out_fraction: float, seed: int = 0) -> tuple[RoutingTrace, RoutingTrace]:
+    """``(train, held_out)`` sub-traces: a random ``held_out_fraction`` of the requests is held out whole.
+
+    Splitting by request (not by token) keeps a held-out request's earlier steps out of
+    training, so the score measures requests the predictor never saw.
+    """
+    if not 0.0 < held_out_fraction < 1.0:
+        raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+    requests = np.unique(trace.request_id)
+    if len(requests) < 2:
+        raise ValueError(f"a request split needs at least 2 requests, the trace has {len(requests)}")
+    held = max(1, min(len(requests) - 1, round(held_out_fraction * len(requests))))
+    order = np.random.default_rng(seed).permutation(len(requests))
+    held_out = requests[order[:held]]
+    train = requests[order[held:]]
+    return select_requests(trace, train), select_requests(trace, held_out)
