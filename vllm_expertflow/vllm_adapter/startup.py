@@ -39,34 +39,24 @@ CLI_KEYS = {
 }
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (slots per MoE layer), got {text!r}")
-    return value
+def _bounded(parse, is_valid, requirement: str):
+    """An argparse ``type=`` that refuses values failing ``is_valid`` with the requirement in the message."""
+
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not is_valid(value):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
+        return value
+
+    return convert
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0 (steps), got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of GB, got {text!r}")
-    return value
+_positive_int = _bounded(int, lambda v: v >= 1, "a positive integer (slots per MoE layer)")
+_non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0 (steps)")
+_positive_float = _bounded(float, lambda v: v > 0, "a positive number of GB")
 
 
 def add_cli_args(parser):
