@@ -559,20 +559,27 @@ def generate_answers(model, enc: Encoder, prompts, paths, batch_size: int = 64, 
     return outs
 
 
-def score_open(items, preds) -> dict:
+def _summarise(items, correct) -> dict:
+    """Accuracy overall, per answer kind, and for yes/no split into plain and negated wording."""
     by_kind: dict[str, list[int]] = {}
-    for it, p in zip(items, preds, strict=True):
-        by_kind.setdefault(answer_kind(it["answer"]), []).append(int(p.strip().lower() == it["answer"]))
-    allv = [v for vs in by_kind.values() for v in vs]
-    return {"all": sum(allv) / len(allv), **{k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, "n": len(allv)}
+    for it, ok in zip(items, correct, strict=True):
+        kind = answer_kind(it["answer"])
+        by_kind.setdefault(kind, []).append(int(ok))
+        if kind == "yes/no":
+            by_kind.setdefault("yes/no negated" if yes_no_template(it["question"])[0] else "yes/no plain", []).append(
+                int(ok)
+            )
+    allv = [int(ok) for ok in correct]
+    out = {"all": sum(allv) / len(allv), **{k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, "n": len(allv)}
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
+def score_open(items, preds) -> dict:
+    return _summarise(items, [p.strip().lower() == it["answer"] for it, p in zip(items, preds, strict=True)])
 
 
 def score_mc(items, preds) -> dict:
-    by_kind: dict[str, list[int]] = {}
-    for it, p in zip(items, preds, strict=True):
-        by_kind.setdefault(answer_kind(it["answer"]), []).append(int(extract_letter(p) == it["letter"]))
-    allv = [v for vs in by_kind.values() for v in vs]
-    return {"all": sum(allv) / len(allv), **{k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, "n": len(allv)}
+    return _summarise(items, [extract_letter(p) == it["letter"] for it, p in zip(items, preds, strict=True)])
 
 
 def evaluate_hf(model, enc: Encoder, items, batch_size: int = 64):
@@ -810,6 +817,82 @@ def pretrain_vision(model, enc: Encoder, head, paths, labels_shape, labels_color
     return time.time() - t0, sum(r[0] for r in last) / len(last), sum(r[1] for r in last) / len(last)
 
 
+class WordProbes:
+    """Auxiliary linear probes on the LM's hidden states (stage 2 only), thrown away after training.
+
+    Yes/no questions and multiple choice need a word of the question or of an option to be compared with the
+    image. Trained on answers alone, that interaction stayed at chance for 600-1500 steps (the balanced yes/no
+    answer is "present XOR negated", which gives neither part a first-order signal). The probes give each part a
+    direct target:
+
+    * at a colour or shape word of the question (after LM layer ``word_layer``): is it in the image?
+    * at the last prompt token of a yes/no question (after LM layer ``late_layer``): is the attribute the
+      question names in the image? The answer is that, flipped for a negated question; with the word-level
+      probe alone the model still did not carry "present" to the answer position.
+    * at an option's word of a multiple-choice prompt (after LM layer ``late_layer``): is it the answer?
+    """
+
+    def __init__(self, tokenizer, colors, hidden: int, word_layer: int = 2, late_layer: int = 3):
+        import torch
+
+        def one(text):
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            assert len(ids) == 1, (text, ids)
+            return ids[0]
+
+        self.attr = {one(" " + w): w for w in (*SHAPES, *colors)}
+        self.option_words = {**self.attr, one(" yes"): "yes", one(" no"): "no"}
+        self.options_marker = one(" Options")
+        self.word_layer, self.late_layer = word_layer, late_layer
+        self.q_probe = torch.nn.Linear(hidden, 1)
+        self.f_probe = torch.nn.Linear(hidden, 1)
+        self.o_probe = torch.nn.Linear(hidden, 1)
+
+    def parameters(self):
+        return [*self.q_probe.parameters(), *self.f_probe.parameters(), *self.o_probe.parameters()]
+
+    def targets(self, input_ids, labels, answers, shapes, colors):
+        """[(row, position, target)] for question words, yes/no answer positions and option words."""
+        q_t, f_t, o_t = [], [], []
+        first_label = (labels != -100).int().argmax(dim=1).tolist()
+        rows = zip(input_ids.tolist(), answers, shapes, colors, strict=True)
+        for row, (ids, answer, shape, color) in enumerate(rows):
+            in_options = False
+            for pos, t in enumerate(ids[: first_label[row]]):
+                if t == self.options_marker:
+                    in_options = True
+                elif in_options and t in self.option_words:
+                    o_t.append((row, pos, float(self.option_words[t] == answer)))
+                elif not in_options and t in self.attr:
+                    word = self.attr[t]
+                    truth = shape if word in SHAPES else color
+                    if truth is not None:
+                        q_t.append((row, pos, float(word == truth)))
+                        if answer in YES_NO:
+                            f_t.append((row, first_label[row] - 1, float(word == truth)))
+        return q_t, f_t, o_t
+
+    def loss(self, hidden_states, q_t, f_t, o_t):
+        """Summed BCE of the three probes and their accuracies (NaN where a batch has no target)."""
+        import torch
+        import torch.nn.functional as F
+
+        total, accs = 0.0, []
+        for probe, layer, tg in (
+            (self.q_probe, self.word_layer, q_t),
+            (self.f_probe, self.late_layer, f_t),
+            (self.o_probe, self.late_layer, o_t),
+        ):
+            if not tg:
+                accs.append(float("nan"))
+                continue
+            rows, pos, y = (torch.tensor(v) for v in zip(*tg, strict=True))
+            logit = probe(hidden_states[layer][rows, pos]).squeeze(-1)
+            total = total + F.binary_cross_entropy_with_logits(logit, y.float())
+            accs.append(((logit > 0).float() == y).float().mean().item())
+        return total, accs
+
+
 def yes_no_template(question: str) -> tuple[bool, str]:
     """(negated, "shape"/"color"): what a yes/no question's answer prior depends on."""
     negated = bool(re.search(r"\b(not|no)\b", question))
@@ -894,6 +977,10 @@ def cmd_train(args) -> None:
         groups.setdefault((is_vision, p.ndim < 2 or "norm" in name), []).append(p)
     if args.aux_weight > 0:
         groups.setdefault((True, False), []).extend(head.parameters())
+    probes = None
+    if args.probe_weight > 0:
+        probes = WordProbes(tokenizer, colors, config.text_config.hidden_size)
+        groups.setdefault((False, False), []).extend(probes.parameters())
     opt = torch.optim.AdamW(
         [{"params": ps, "weight_decay": 0.0 if no_wd else 0.01, "lr_mult": args.vision_lr_mult if vis else 1.0}
          for (vis, no_wd), ps in sorted(groups.items())],
@@ -907,7 +994,9 @@ def cmd_train(args) -> None:
     rng = random.Random(SEED + 2)
     order: list[int] = []
     weights = yes_no_balancing_weights(questions, answers)
-    cum_weights = list(itertools.accumulate(weights))
+    negated_yes_no = [a in YES_NO and yes_no_template(q)[0] for q, a in zip(questions, answers, strict=True)]
+    curriculum_steps = int(args.curriculum_frac * args.steps)
+    cum_weights, ramp = None, None
     t0 = time.time()
     history = []
     for step in range(args.steps):
@@ -915,6 +1004,18 @@ def cmd_train(args) -> None:
         for group in opt.param_groups:
             group["lr"] = lr * group["lr_mult"]
         if args.balance_yes_no:
+            # Curriculum: negated yes/no questions ("is there not a ...") are left out for the first half of
+            # the curriculum and phased in over the second half. Balanced, their answer is "present XOR
+            # negated", which gives no first-order training signal to either part; without them "present"
+            # alone decides, and the model learns to route it to the answer first.
+            r = 1.0 if curriculum_steps == 0 else min(1.0, max(0.0, (2 * step - curriculum_steps) / curriculum_steps))
+            if cum_weights is None or r != ramp:
+                ramp = r
+                cum_weights = list(
+                    itertools.accumulate(
+                        w * (r if neg else 1.0) for w, neg in zip(weights, negated_yes_no, strict=True)
+                    )
+                )
             idx = rng.choices(range(len(questions)), cum_weights=cum_weights, k=args.batch)
         else:
             if len(order) < args.batch:
@@ -924,16 +1025,28 @@ def cmd_train(args) -> None:
             idx, order = order[: args.batch], order[args.batch :]
         samples = [make_sample(i, questions, answers, image_ids, paths, vocab, rng, args.mc_fraction) for i in idx]
         b = enc.train_batch(*zip(*samples, strict=True))
-        out = model(**b, output_router_logits=False)
+        out = model(**b, output_router_logits=False, output_hidden_states=probes is not None)
         loss = out.loss
         aux_msg = ""
+        if probes is not None:
+            img_ids = [image_ids[i] for i in idx]
+            q_t, f_t, o_t = probes.targets(
+                b["input_ids"],
+                b["labels"],
+                [answers[i] for i in idx],
+                [SHAPES[lab_shape[j]] if j in lab_shape else None for j in img_ids],
+                [colors[lab_color[j]] if j in lab_color else None for j in img_ids],
+            )
+            probe_loss, (acc_q, acc_f, acc_o) = probes.loss(out.hidden_states, q_t, f_t, o_t)
+            loss = loss + args.probe_weight * probe_loss
+            aux_msg += f" probes word {acc_q:.2f} yes/no {acc_f:.2f} option {acc_o:.2f}"
         if args.aux_weight > 0:
             img_ids = [image_ids[i] for i in idx]
             ys = torch.tensor([lab_shape.get(i, -100) for i in img_ids])
             yc = torch.tensor([lab_color.get(i, -100) for i in img_ids])
             aux, acc_s, acc_c = vision_loss(head, vision_token_features(captured["out"], len(idx), hidden), ys, yc)
             loss = loss + args.aux_weight * aux
-            aux_msg = f" aux {aux.item():.3f} (shape {acc_s:.2f} colour {acc_c:.2f})"
+            aux_msg += f" aux {aux.item():.3f} (shape {acc_s:.2f} colour {acc_c:.2f})"
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
@@ -978,6 +1091,8 @@ def cmd_train(args) -> None:
         "vision_lr_mult": args.vision_lr_mult,
         "balance_yes_no": bool(args.balance_yes_no),
         "aux_weight": args.aux_weight,
+        "probe_weight": args.probe_weight,
+        "curriculum_frac": args.curriculum_frac,
         "lr": args.lr,
         "threads": args.threads,
         "hf_eval": {"n": len(items), "open": o, "mc": m},
@@ -1355,6 +1470,13 @@ def main(argv=None) -> None:
     )
     t.add_argument("--vision-lr-mult", type=float, default=0.2, help="vision tower lr / lr in stage 2; 0 freezes it")
     t.add_argument("--aux-weight", type=float, default=0.3, help="weight of the shape/colour loss in stage 2")
+    t.add_argument(
+        "--curriculum-frac",
+        type=float,
+        default=0.4,
+        help="fraction of stage 2 over which negated yes/no questions are phased in (first half: none)",
+    )
+    t.add_argument("--probe-weight", type=float, default=0.5, help="weight of the word-probe losses (WordProbes)")
     t.add_argument("--monitor-every", type=int, default=500, help="0: no monitoring")
     t.add_argument("--monitor-limit", type=int, default=300)
     t.add_argument("--eval-limit", type=int, default=None, help="test questions for the final eval (default all)")
