@@ -12,6 +12,9 @@ from vllm_expertflow.core.grouping import (
     RequestView,
     hamming_two_way_split,
 )
+from vllm_expertflow.core.policies import make_policy
+from vllm_expertflow.core.slot_cache import plan_passes
+from vllm_expertflow.core.slot_map import SlotMap
 
 LAYERS, EXPERTS = 4, 16
 
@@ -189,6 +192,57 @@ def test_select_keeps_every_cluster_whole_when_slots_allow():
     assert grouper.last_union is not None and grouper.last_union.layer_counts().tolist() == [8] * LAYERS
 
 
+def test_cache_aware_selection_loads_less_per_token_than_fcfs_and_cache_blind():
+    # Two topics whose experts each fill the slots: FCFS needs both every step; a cache-blind
+    # grouper alternates them; a cache-aware one runs a topic while the other may wait.
+    rng = np.random.default_rng(4)
+    capacity, per_topic, top_k = 4, 4, 2
+    topic_of = np.arange(24) % 2
+    config = GroupingConfig(capacity=capacity, max_skip_steps=2, min_fraction=0.25)
+
+    def run(mode: str) -> float:
+        grouper = ExpertAwareGrouper(config)
+        maps = [SlotMap(EXPERTS, capacity, make_policy("lru")) for _ in range(LAYERS)]
+        loads = tokens = 0
+        for step in range(60):
+            offsets = np.argsort(rng.random((len(topic_of), LAYERS, per_topic)), axis=-1)[..., :top_k]
+            rows = topic_of[:, None, None] * per_topic + offsets  # one decode token per request
+            sigs = ExpertSignature.from_batch_topk_ids(rows, [1] * len(rows), EXPERTS)
+            resident = np.zeros((LAYERS, EXPERTS), dtype=bool)
+            for layer, slot_map in enumerate(maps):
+                resident[layer, list(slot_map.resident())] = True
+            running = views(sigs)
+            if mode == "fcfs":
+                chosen = list(range(len(rows)))
+            else:
+                order = grouper.select(running, step, resident=resident if mode == "aware" else None)
+                check_step(config, running, order)
+                chosen = sorted(int(c[1:]) for c in order)
+            before = sum(m.stats.loads for m in maps)
+            for layer, slot_map in enumerate(maps):
+                step_rows = rows[chosen, layer, :]
+                for pass_rows in plan_passes(step_rows, capacity):
+                    slot_map.admit(np.unique(step_rows[pass_rows]).tolist())
+            loads += sum(m.stats.loads for m in maps) - before
+            tokens += len(chosen)
+        return loads / tokens
+
+    fcfs, blind, aware = run("fcfs"), run("blind"), run("aware")
+    assert aware <= 0.75 * fcfs, (aware, fcfs)
+    assert aware < blind, (aware, blind)
+
+
+def test_resident_experts_are_free_for_selection():
+    # Same cost without a cache; with topic 1 resident, topic 1 runs.
+    sigs = [signature(range(4 * (i % 2), 4 * (i % 2) + 4)) for i in range(8)]
+    grouper = ExpertAwareGrouper(GroupingConfig(capacity=4, max_skip_steps=3, min_fraction=0.5))
+    resident = signature(range(4, 8))
+    chosen = grouper.select(views(sigs), 0, resident=resident)
+    assert sorted(int(c[1:]) % 2 for c in chosen) == [1, 1, 1, 1]
+    with pytest.raises(ValueError, match="resident has words"):
+        grouper.select(views(sigs), 1, resident=signature([0], layers=LAYERS + 1))
+
+
 @pytest.mark.parametrize("capacity", [None, EXPERTS])
 def test_unbounded_slots_schedule_everyone(capacity):
     rng = np.random.default_rng(3)
@@ -209,8 +263,11 @@ def test_unbounded_slots_schedule_everyone(capacity):
     capacity=st.integers(1, EXPERTS),
     levels=st.integers(1, 3),
     churn=st.booleans(),
+    cache_aware=st.booleans(),
 )
-def test_no_request_waits_more_than_k_steps(seed, num_requests, max_skip, min_fraction, capacity, levels, churn):
+def test_no_request_waits_more_than_k_steps(
+    seed, num_requests, max_skip, min_fraction, capacity, levels, churn, cache_aware
+):
     rng = np.random.default_rng(seed)
     config = GroupingConfig(capacity=capacity, max_skip_steps=max_skip, min_fraction=min_fraction)
     grouper = ExpertAwareGrouper(config)
@@ -235,7 +292,8 @@ def test_no_request_waits_more_than_k_steps(seed, num_requests, max_skip, min_fr
         for (rid, priority, arrival), draw in zip(live, draws, strict=True):
             sig = outlier_sig if rid == outlier else (bank[draw] if draw < len(bank) else None)
             running.append(RequestView(rid, priority, arrival, sig, 1 + int(draw) % 3))
-        order = grouper.select(running, step)
+        resident = rng.random((LAYERS, EXPERTS)) < 0.3 if cache_aware else None
+        order = grouper.select(running, step, resident=resident)
         check_step(config, running, order)
         chosen = set(order)
         for r in running:

@@ -342,6 +342,12 @@ class ExpertAwareGrouper:
     for cheaper left-out ones, and further requests join while the union fits ``capacity``
     slots per layer. Unknown signatures add no experts, so they join whenever their level does.
 
+    Cache-aware: given the experts the slots hold now (``resident``), a request's cost is the
+    experts it would make the step *load*, not the ones it uses: requests served by the
+    resident set run together, and a group keeps running while the fairness limit lets the
+    others wait, so one group's loads serve several steps instead of being evicted by the
+    next group's.
+
     One instance per scheduler; it keeps a skip counter per request id (consecutive steps
     left out). Call ``select`` once per step and ``forget`` when a request finishes.
     """
@@ -361,8 +367,13 @@ class ExpertAwareGrouper:
         """Drop a finished request's counter; unknown ids are ignored."""
         self._skips.pop(request_id, None)
 
-    def select(self, running: Sequence[RequestView], step: int) -> list[str]:
+    def select(
+        self, running: Sequence[RequestView], step: int, resident: ExpertSignature | np.ndarray | None = None
+    ) -> list[str]:
         """The request ids that run at ``step``, in the order they should get the token budget.
+
+        ``resident``: the experts the slots hold before the step (per layer, as a signature),
+        or None when unknown; they cost nothing to use.
 
         Running requests not in the list sit this step out. Order: most urgent priority first;
         within a priority, requests at the skip limit first, then fewest tokens (decodes before
@@ -391,8 +402,17 @@ class ExpertAwareGrouper:
             raise ValueError(f"num_tokens must be >= 1, got {num_tokens[bad]} for request {ids[bad]!r}")
         skips = np.array(list(map(self._skips.get, ids, itertools.repeat(0, n))), dtype=np.int64)
         words, num_experts = self._stack(signatures)
+        free = None
+        if resident is not None and num_experts:
+            resident_words = _as_words(resident).words
+            if resident_words.shape != words.shape[1:]:
+                raise ValueError(
+                    f"resident has words {list(resident_words.shape)}, the running signatures "
+                    f"{list(words.shape[1:])}; they must match"
+                )
+            free = resident_words.reshape(-1)
 
-        chosen = _GreedySelection(words, priority, self.config.capacity, num_experts)
+        chosen = _GreedySelection(words, priority, self.config.capacity, num_experts, free)
         forced = skips >= self.config.max_skip_steps
         minimum = min(n, max(1, math.ceil(self.config.min_fraction * n - 1e-9)))
         # Cutoff level: the least urgent priority that must run, for the minimum or for a forced
@@ -401,9 +421,12 @@ class ExpertAwareGrouper:
         if forced.any():
             cutoff = max(cutoff, int(priority[forced].max()))
         mandatory = np.flatnonzero(forced | (priority < cutoff))
-        if len(mandatory) == 0:  # seed: the longest-waiting request of the cutoff level
+        if len(mandatory) == 0:
+            # Seed: the longest-waiting request of the cutoff level; with the resident set known,
+            # the one that loads least (then longest-waiting), so a resident group keeps running.
             mandatory = np.flatnonzero(priority == cutoff)
-            mandatory = mandatory[np.argsort(-skips[mandatory], kind="stable")][:1]
+            keys = (-skips[mandatory],) if free is None else (-skips[mandatory], chosen.new_experts(mandatory))
+            mandatory = mandatory[np.lexsort(keys)][:1]
         else:  # longest-waiting first, so pick order (and the budget order) favours them
             mandatory = mandatory[np.argsort(-skips[mandatory], kind="stable")]
         chosen.add(mandatory)
@@ -489,7 +512,14 @@ class _GreedySelection:
     requests, or the seed) are never swapped out.
     """
 
-    def __init__(self, words: np.ndarray, priority: np.ndarray, capacity: int | None, num_experts: int) -> None:
+    def __init__(
+        self,
+        words: np.ndarray,
+        priority: np.ndarray,
+        capacity: int | None,
+        num_experts: int,
+        free: np.ndarray | None = None,
+    ) -> None:
         n, self.num_layers, self.num_words = words.shape
         self.flat = words.reshape(n, -1)  # [n, L * W]: whole-signature ops on 2-D arrays are cheapest
         self.priority = priority
@@ -498,6 +528,8 @@ class _GreedySelection:
         self.order = np.zeros(0, dtype=np.int64)
         self.num_fixed = 0
         self.union = np.zeros(self.flat.shape[1], dtype=np.uint64)
+        # Experts already in the slots: using them loads nothing (all zeros: cache-blind).
+        self.free = np.zeros_like(self.union) if free is None else free.astype(np.uint64)
 
     def add(self, rows: np.ndarray) -> None:
         if len(rows) == 0:
@@ -509,8 +541,9 @@ class _GreedySelection:
     def _per_layer(self, flat_words: np.ndarray) -> np.ndarray:
         return _layer_counts(flat_words.reshape(len(flat_words), self.num_layers, self.num_words))
 
-    def _new_experts(self, rows: np.ndarray) -> np.ndarray:
-        return _total_counts(self.flat[rows] & ~self.union)
+    def new_experts(self, rows: np.ndarray) -> np.ndarray:
+        """Experts each row would make the step load: outside the union and the resident set."""
+        return _total_counts(self.flat[rows] & ~(self.union | self.free))
 
     def _cheapest_first(self, rows: np.ndarray, new_experts: np.ndarray) -> np.ndarray:
         """Order of ``rows``: fewest new experts, then lowest row (rank); the keys are unique."""
@@ -523,7 +556,7 @@ class _GreedySelection:
         select() chose it that way.
         """
         while len(self.order) < minimum:
-            new_experts = self._new_experts(pool)
+            new_experts = self.new_experts(pool)
             order = self._cheapest_first(pool, new_experts)
             free = int(np.count_nonzero(new_experts == 0))
             take = min(minimum - len(self.order), max(1, (_GROWTH - 1) * len(self.order), free))
@@ -541,15 +574,16 @@ class _GreedySelection:
         """
         n, fixed = len(self.flat), self.num_fixed
         pool = pool.copy()
-        union_size = int(_total_counts(self.union[None])[0])
+        # Objective: experts the step loads (union outside the resident set).
+        union_size = int(_total_counts((self.union & ~self.free)[None])[0])
         for _ in range(_SWAP_ROUNDS):
             if len(self.order) == fixed or len(pool) == 0:
                 break
             chosen_words = self.flat[self.order]
             before = np.bitwise_or.accumulate(chosen_words, axis=0)
             shared = np.bitwise_or.reduce(chosen_words[1:] & before[:-1], axis=0)  # used by >= 2 chosen
-            own = _total_counts(chosen_words[fixed:] & ~shared)
-            cost = self._new_experts(pool)
+            own = _total_counts(chosen_words[fixed:] & ~(shared | self.free))
+            cost = self.new_experts(pool)
             # Most own experts first; among equals the least urgent / latest (highest row) leaves first.
             leave = np.argsort(own * n + self.order[fixed:])[::-1]
             join = self._cheapest_first(pool, cost)
@@ -562,7 +596,7 @@ class _GreedySelection:
             trial = self.order.copy()
             trial[leaving] = pool[joining]
             union = np.bitwise_or.reduce(self.flat[trial], axis=0)
-            trial_size = int(_total_counts(union[None])[0])
+            trial_size = int(_total_counts((union & ~self.free)[None])[0])
             if trial_size >= union_size:
                 break  # the pairwise estimate ignored overlaps and was wrong: keep what we have
             pool[joining] = self.order[leaving]
@@ -590,7 +624,8 @@ class _GreedySelection:
                 used = self._per_layer(self.union[None])[0]
                 if (used >= self.capacity).all():
                     # Full everywhere (the usual case): only requests that add no expert fit.
-                    free = self._new_experts(rows) == 0
+                    # Resident experts do not count here: a layer past its slots runs another pass.
+                    free = _total_counts(self.flat[rows] & ~self.union) == 0
                     self.add(rows[free])
                     if not free.all():
                         return
@@ -601,7 +636,7 @@ class _GreedySelection:
                 if not fits.any():
                     return
                 candidates = rows[fits]
-                candidates = candidates[self._cheapest_first(candidates, grown[fits].sum(axis=1))]
+                candidates = candidates[self._cheapest_first(candidates, self.new_experts(candidates))]
                 # Longest prefix, cheapest first, whose joint union still fits.
                 joint = np.bitwise_or.accumulate(self.flat[candidates], axis=0) | self.union
                 joint_fits = (self._per_layer(joint) <= limit).all(axis=1)
