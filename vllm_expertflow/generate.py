@@ -110,6 +110,7 @@ def _scheduling_stats(llm) -> dict[str, Any] | None:
     return {
         "grouped_steps": len(seconds),
         "steps_with_held_requests": sum(1 for h in held if h),
+        "cache_aware_steps": scheduler.cache_aware_steps,
         "grouping_ms_median": 1e3 * sorted(seconds)[len(seconds) // 2],
         "grouping_ms_max": 1e3 * max(seconds),
     }

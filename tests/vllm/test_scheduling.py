@@ -22,3 +22,4 @@ def test_fcfs_and_expertflow_scheduling_give_identical_fp32_outputs(tiny_models,
     stats = expertflow["scheduling"]
     assert stats["grouped_steps"] > 0
     assert stats["steps_with_held_requests"] > 0  # it did recompose steps, and still matched
+    assert stats["cache_aware_steps"] > 0  # the workers' resident sets reached the grouper

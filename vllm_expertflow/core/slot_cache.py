@@ -192,6 +192,10 @@ class ExpertSlotCache:
         self.ensure_resident([e for e in upcoming.tolist() if demand[e] > 0])
         return output
 
+    def resident_experts(self) -> list[int]:
+        """Expert ids in the slots now (the scheduler's cache-aware grouping reads them)."""
+        return list(self.map.resident())
+
     def slot_table_for(self, device: torch.device) -> torch.Tensor:
         return self._slot_table_host if device.type == "cpu" else self._slot_table
 

@@ -12,7 +12,7 @@ import torch
 
 from vllm_expertflow.config import ExpertOffloadConfig, ExpertOffloadConfigError
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
-from vllm_expertflow.vllm_adapter.routing import SIGNATURES_ATTR
+from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR
 from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_for, group_of_worker
 from vllm_expertflow.vllm_adapter.vllm_api import (
     RoutedExperts,
@@ -155,4 +155,9 @@ def end_worker_step(worker, scheduler_output, req_ids: list[str]) -> dict | None
     if group is None or group.recorder is None:
         return None
     signatures = group.recorder.end_step(scheduler_output, req_ids)
-    return {SIGNATURES_ATTR: signatures} if signatures else None
+    if not signatures:
+        return None
+    extra: dict = {SIGNATURES_ATTR: signatures}
+    if group.scheduler_wants_signatures:
+        extra[RESIDENT_ATTR] = group.resident_signature()
+    return extra

@@ -20,6 +20,8 @@ from vllm_expertflow.core import TraceWriter
 from vllm_expertflow.core.grouping import ExpertSignature
 
 SIGNATURES_ATTR = "expertflow_signatures"
+# The experts the slots hold after the step, per layer (ExpertSignature): what the next step gets for free.
+RESIDENT_ATTR = "expertflow_resident"
 
 
 class RoutingRecorder:

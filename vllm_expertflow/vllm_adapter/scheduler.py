@@ -18,9 +18,9 @@ from typing import Any
 
 from vllm_expertflow.config import ExpertOffloadConfig
 from vllm_expertflow.core.grouping import ExpertAwareGrouper, ExpertSignature, GroupingConfig, RequestView
-from vllm_expertflow.vllm_adapter.routing import SIGNATURES_ATTR
+from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR
 from vllm_expertflow.vllm_adapter.startup import planned_slots_per_layer
-from vllm_expertflow.vllm_adapter.vllm_api import AsyncScheduler, Scheduler, init_logger
+from vllm_expertflow.vllm_adapter.vllm_api import AsyncScheduler, Scheduler, init_logger, reorder_waiting
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -42,17 +42,23 @@ class ExpertAwareSchedulingMixin:
         )
         self._signatures: dict[str, ExpertSignature] = {}
         self._prefix_signatures: dict[tuple[int, ...], ExpertSignature] = {}
+        self._resident: ExpertSignature | None = None  # the slots' contents after the last step
         self._step = 0
         # Seconds spent choosing each step's requests; the benchmark reads them.
         self.grouping_seconds: collections.deque[float] = collections.deque(maxlen=100_000)
         self.held_per_step: collections.deque[int] = collections.deque(maxlen=100_000)
+        self.cache_aware_steps = 0  # grouped steps that knew the slots' contents
 
     def schedule(self, *args: Any, **kwargs: Any):
-        if not self._grouping_on or len(self.running) < 2:
+        if not self._grouping_on:
+            return super().schedule(*args, **kwargs)
+        self._order_waiting_by_affinity()
+        if len(self.running) < 2:
             return super().schedule(*args, **kwargs)
         start = time.perf_counter()
         views = [self._view(request) for request in self.running]
-        chosen = self._grouper.select(views, self._step)
+        chosen = self._grouper.select(views, self._step, resident=self._resident)
+        self.cache_aware_steps += self._resident is not None
         self._step += 1
         by_id = {request.request_id: request for request in self.running}
         chosen_ids = set(chosen)
@@ -72,7 +78,22 @@ class ExpertAwareSchedulingMixin:
             self.running = self.running + held
         return output
 
+    def _order_waiting_by_affinity(self) -> None:
+        """Admit waiting requests by expert affinity to the slots' contents (head of line stays first)."""
+        if len(self.waiting) < 2 or self._resident is None:
+            return
+        waiting = list(self.waiting)
+        views = [self._view(request) for request in waiting]
+        if all(view.signature is None for view in views):
+            return  # nothing to rank by: keep vLLM's order
+        by_id = {request.request_id: request for request in waiting}
+        order = self._grouper.admission_order(views, self._resident)
+        reorder_waiting(self, [by_id[request_id] for request_id in order])
+
     def update_from_output(self, scheduler_output, model_runner_output):
+        resident = getattr(model_runner_output, RESIDENT_ATTR, None)
+        if resident is not None:
+            self._resident = resident
         signatures = getattr(model_runner_output, SIGNATURES_ATTR, None)
         if signatures:
             self._signatures.update(signatures)

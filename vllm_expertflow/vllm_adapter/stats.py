@@ -17,7 +17,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
+
 from vllm_expertflow.core import ExpertSlotCache
+from vllm_expertflow.core.grouping import ExpertSignature
 from vllm_expertflow.vllm_adapter.routing import RoutingRecorder
 from vllm_expertflow.vllm_adapter.vllm_api import init_logger
 
@@ -75,6 +78,16 @@ class ExpertCacheGroup:
             f"device bytes for experts {with_offload} with offload vs {without} without "
             f"({with_offload / max(without, 1):.1%}); policy {first.map.policy.name}"
         )
+
+    def resident_signature(self) -> ExpertSignature | None:
+        """The experts resident in every layer's slots now, in layer order; None before the caches exist."""
+        if len(self.caches) != self.num_layers or not self.caches:
+            return None
+        first = next(iter(self.caches.values()))
+        mask = np.zeros((self.num_layers, first.store.num_experts), dtype=np.bool_)
+        for index, name in enumerate(self.layer_names):
+            mask[index, list(self.caches[name].resident_experts())] = True
+        return ExpertSignature.from_mask(mask)
 
     def stats(self) -> dict[str, Any]:
         layers = []

@@ -147,3 +147,19 @@ def install_router_logits_capture() -> None:
 
     MoERunner._apply_quant_method = apply_quant_method
     MoERunner._expertflow_logits = True
+
+
+def reorder_waiting(scheduler, ordered_requests: list) -> bool:
+    """Put the scheduler's waiting queue in ``ordered_requests``' order (the same requests).
+
+    Only the FCFS queue (a deque) is reordered; vLLM's priority queue is a heap that orders
+    itself, so it is left alone and False returned.
+    """
+    import collections
+
+    waiting = scheduler.waiting
+    if not isinstance(waiting, collections.deque) or len(ordered_requests) != len(waiting):
+        return False
+    waiting.clear()
+    waiting.extend(ordered_requests)
+    return True
