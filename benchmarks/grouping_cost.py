@@ -71,7 +71,8 @@ def run(args: argparse.Namespace, requests: int) -> dict[str, float]:
         signatures = ExpertSignature.from_batch_topk_ids(topk_ids, [1] * requests, args.experts)
         running = [RequestView(f"req-{i}", 0, float(i), signatures[i], 1) for i in range(requests)]
         start = time.perf_counter()
-        selected = grouper.select(running, step)
+        # The cache-aware call, as the adapter makes it; the last union stands in for the slots.
+        selected = grouper.select(running, step, resident=grouper.last_union)
         elapsed = time.perf_counter() - start
         if step < args.warmup:
             continue
