@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast lint bench
+.PHONY: setup study demo test test-fast lint bench
 
 setup: $(VENV)/.installed
 
@@ -12,6 +12,10 @@ $(VENV)/.installed: pyproject.toml scripts/cpu_env_workarounds.sh patches/*.patc
 	$(PY) -m pip install -q -e ".[cpu,dev,eval]"
 	bash scripts/cpu_env_workarounds.sh $(VENV)
 	touch $@
+
+# The main job: the accuracy study's reduced grid on the bundled VLM and easy-vqa (prints the answer table).
+study: setup
+	$(PY) -m vllm_expertflow.eval.sweep --grid reduced --out runs/study-reduced
 
 demo: setup
 	$(PY) -m vllm_expertflow.demo

@@ -168,7 +168,8 @@ def test_select_touches_fewer_experts_than_fcfs_on_clustered_traffic():
     rng = np.random.default_rng(2)
     layers, experts, topics = 8, 64, 4
     topic_of = rng.integers(0, topics, 48)
-    config = GroupingConfig(capacity=16, max_skip_steps=2, min_fraction=0.5)
+    # The mechanics of grouping, also where the chosen union exceeds the slots.
+    config = GroupingConfig(capacity=16, max_skip_steps=2, min_fraction=0.5, hold_back_only_if_fits=False)
     grouper = ExpertAwareGrouper(config)
     grouped, fcfs = [], []
     for step in range(200):
@@ -230,6 +231,20 @@ def test_cache_aware_selection_loads_less_per_token_than_fcfs_and_cache_blind():
     fcfs, blind, aware = run("fcfs"), run("blind"), run("aware")
     assert aware <= 0.75 * fcfs, (aware, fcfs)
     assert aware < blind, (aware, blind)
+
+
+def test_requests_are_held_back_only_when_the_chosen_ones_fit_the_slots():
+    # Two topics of 4 experts: with 4 slots a topic fits and the other waits; with 3 slots no
+    # selection fits, holding back would only split the reloads, so everyone runs.
+    sigs = [signature(range(4 * (i % 2), 4 * (i % 2) + 4)) for i in range(8)]
+    fits = ExpertAwareGrouper(GroupingConfig(capacity=4, max_skip_steps=2, min_fraction=0.5))
+    assert len(fits.select(views(sigs), 0)) == 4
+    too_small = ExpertAwareGrouper(GroupingConfig(capacity=3, max_skip_steps=2, min_fraction=0.5))
+    assert len(too_small.select(views(sigs), 0)) == 8
+    legacy = ExpertAwareGrouper(
+        GroupingConfig(capacity=3, max_skip_steps=2, min_fraction=0.5, hold_back_only_if_fits=False)
+    )
+    assert len(legacy.select(views(sigs), 0)) == 4
 
 
 def test_resident_experts_are_free_for_selection():
@@ -321,7 +336,7 @@ def test_strictly_more_urgent_requests_are_never_left_out():
     rng = np.random.default_rng(4)
     sigs = [ExpertSignature.from_mask(rng.random((LAYERS, EXPERTS)) < 0.3) for _ in range(12)]
     priorities = [1, 0, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]
-    config = GroupingConfig(capacity=4, max_skip_steps=2, min_fraction=0.25)
+    config = GroupingConfig(capacity=4, max_skip_steps=2, min_fraction=0.25, hold_back_only_if_fits=False)
     grouper = ExpertAwareGrouper(config)
     least_urgent_chosen = []
     for step in range(30):

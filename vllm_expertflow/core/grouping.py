@@ -309,6 +309,10 @@ class GroupingConfig:
     max_skip_steps: int = 2
     # At least ceil(min_fraction * running) requests run each step, whatever their experts.
     min_fraction: float = 0.5
+    # Hold requests back only when the chosen ones then fit the slots. A step over the slots in
+    # some layer runs in passes that reload experts anyway; splitting its requests over two
+    # steps then loads each shared expert twice, so everyone runs (as FCFS would).
+    hold_back_only_if_fits: bool = True
 
     def __post_init__(self) -> None:
         if self.capacity is not None and (not isinstance(self.capacity, (int, np.integer)) or self.capacity < 1):
@@ -435,6 +439,9 @@ class ExpertAwareGrouper:
         pool = chosen.fill(minimum, pool)
         chosen.improve(pool)
         chosen.extend(cutoff)
+        if self.config.hold_back_only_if_fits and chosen.capacity is not None and not chosen.selected.all():
+            if (chosen.layer_union_sizes() > chosen.capacity).any():
+                chosen.add(np.flatnonzero(~chosen.selected))
 
         picked = chosen.order
         keys = np.lexsort((np.arange(len(picked)), num_tokens[picked], ~forced[picked], priority[picked]))
@@ -537,6 +544,10 @@ class _GreedySelection:
         self.selected[rows] = True
         self.order = np.concatenate([self.order, rows])
         self.union |= np.bitwise_or.reduce(self.flat[rows], axis=0)
+
+    def layer_union_sizes(self) -> np.ndarray:
+        """Distinct experts per layer of the selection, ``[L] int32``."""
+        return self._per_layer(self.union[None])[0]
 
     def _per_layer(self, flat_words: np.ndarray) -> np.ndarray:
         return _layer_counts(flat_words.reshape(len(flat_words), self.num_layers, self.num_words))

@@ -49,6 +49,8 @@ from typing import Any
 
 from vllm_expertflow.eval import mmbench, vqav2
 
+BUNDLED_VLM = Path(__file__).resolve().parents[2] / "models" / "toy-qwen3-vl-moe"
+
 CAPACITIES = {"full": (100.0, 75.0, 50.0, 25.0, 12.5), "reduced": (100.0, 25.0)}
 BUDGET_MODES = {"full": ("per-layer", "global"), "reduced": ("per-layer",)}
 SCHEDULINGS = {"full": ("fcfs", "expertflow"), "reduced": ("fcfs", "expertflow")}
@@ -626,8 +628,10 @@ def _axis(text: str | None, cast=str) -> list | None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint directory or Hub id of an MoE VLM")
-    parser.add_argument("--out", required=True, help="sweep directory (created; resumed when it exists)")
+    parser.add_argument("--model", default=str(BUNDLED_VLM),
+                        help="checkpoint directory or Hub id of an MoE VLM (default: the bundled toy Qwen3-VL-MoE)")
+    parser.add_argument("--out", default=None,
+                        help="sweep directory (created; resumed when it exists; default runs/study-<grid>)")
     parser.add_argument("--vqa", help="VQAv2: lmms-lab parquet (file or directory) or official questions JSON")
     parser.add_argument("--vqa-annotations", help="official VQAv2 annotations JSON (with a questions JSON)")
     parser.add_argument("--vqa-images", help="COCO image directory (with a questions JSON)")
@@ -655,6 +659,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(f"--limit must be >= 1, got {args.limit}")
     if args.limit is None:
         args.limit = DEFAULT_LIMIT[args.grid]
+    if args.out is None:
+        args.out = f"runs/study-{args.grid}"
     try:
         args.engine_args = json.loads(args.engine_args)
     except json.JSONDecodeError as exc:
