@@ -22,7 +22,7 @@ def test_values_from_cli_strings_are_coerced():
 
 
 def test_unknown_policy_names_the_valid_ones():
-    with pytest.raises(ExpertOffloadConfigError, match=r"'mru'.*valid policies are \['lru', 'lfu', 'lfru'\]"):
+    with pytest.raises(ExpertOffloadConfigError, match=r"'mru'.*valid policies are \['lru', 'lfu', 'lfru', 'expertflow'\]"):
         parse(enabled=True, cache_slots=4, policy="mru")
 
 
@@ -66,3 +66,23 @@ def test_budget_is_shared_over_layers_and_slots_are_clamped():
     assert config.slots_per_layer(num_experts=64, top_k=2, bytes_per_expert=per_expert, num_moe_layers=32) == 32
     assert parse(enabled=True, cache_slots=99).slots_per_layer(
         num_experts=16, top_k=2, bytes_per_expert=1, num_moe_layers=1) == 16
+
+
+def test_prefetch_modes_and_predictor_path_go_together():
+    config = parse(enabled=True, cache_slots=4, prefetch="LOOKAHEAD")
+    assert config.prefetch == "lookahead" and config.predictor_path is None
+    assert parse(enabled=True, cache_slots=4, prefetch="predictor", predictor_path="p.pt").predictor_path == "p.pt"
+    with pytest.raises(ExpertOffloadConfigError, match=r"'oracle'.*\['none', 'lookahead', 'predictor'\]"):
+        parse(enabled=True, cache_slots=4, prefetch="oracle")
+    with pytest.raises(ExpertOffloadConfigError, match=r"needs predictor_path \(--expert-predictor PATH\)"):
+        parse(enabled=True, cache_slots=4, prefetch="predictor")
+    with pytest.raises(ExpertOffloadConfigError, match=r"predictor_path='p.pt'.*only used with prefetch 'predictor'"):
+        parse(enabled=True, cache_slots=4, prefetch="lookahead", predictor_path="p.pt")
+    with pytest.raises(ExpertOffloadConfigError, match="needs enabled=True"):
+        parse(enabled=False, prefetch="lookahead")
+
+
+@pytest.mark.parametrize("raw", [{"policy": "expertflow"}, {"prefetch": "lookahead"}])
+def test_lossy_miss_policies_are_refused_with_expertflow_and_prefetch(raw):
+    with pytest.raises(ExpertOffloadConfigError, match="miss_policy='skip'"):
+        parse(enabled=True, cache_slots=4, miss_policy="skip", **raw)

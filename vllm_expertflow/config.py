@@ -23,8 +23,15 @@ MISS_POLICIES = ("exact", "skip", "substitute")
 SCHEDULING_POLICIES = ("expertflow", "fcfs")
 
 # Replacement policies the live cache can run: those that need no future knowledge or
-# warm-up data (belady and static exist for the trace-replay simulator).
-CACHE_POLICIES = ("lru", "lfu", "lfru")
+# warm-up data (belady and static exist for the trace-replay simulator). "expertflow" is
+# not per layer: one slot pool shared by all MoE layers (core/expert_pool.py).
+CACHE_POLICIES = ("lru", "lfu", "lfru", "expertflow")
+EXPERTFLOW_POLICY = "expertflow"
+
+# What the cache loads ahead of use: nothing, the next MoE layer's experts predicted by its
+# router on the current layer's input, or every layer's experts predicted per step by a
+# trained routing predictor (predictor_path).
+PREFETCH_MODES = ("none", "lookahead", "predictor")
 
 
 class ExpertOffloadConfigError(ValueError):
@@ -42,6 +49,8 @@ class ExpertOffloadConfig:
     scheduling: str = "expertflow"  # step composition: expert-aware grouping or vLLM's own FCFS
     miss_policy: str = "exact"  # lossy "skip"/"substitute" only for the accuracy study
     max_skip_steps: int = 2  # fairness: a running request sits out at most this many consecutive steps
+    prefetch: str = "none"  # none | lookahead | predictor
+    predictor_path: str | None = None  # a RoutingPathPredictor.save file; required iff prefetch == "predictor"
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> ExpertOffloadConfig:
@@ -82,6 +91,31 @@ class ExpertOffloadConfig:
                 f"unknown expert miss policy {self.miss_policy!r}; valid choices are {list(MISS_POLICIES)} "
                 f"(only 'exact' is lossless)"
             )
+        if self.prefetch not in PREFETCH_MODES:
+            raise ExpertOffloadConfigError(
+                f"unknown expert prefetch {self.prefetch!r}; valid choices are {list(PREFETCH_MODES)}"
+            )
+        if self.prefetch == "predictor" and self.predictor_path is None:
+            raise ExpertOffloadConfigError(
+                "expert prefetch 'predictor' needs predictor_path (--expert-predictor PATH), a file written by "
+                "scripts/train_predictor.py"
+            )
+        if self.predictor_path is not None and self.prefetch != "predictor":
+            raise ExpertOffloadConfigError(
+                f"predictor_path={self.predictor_path!r} (--expert-predictor) is only used with prefetch "
+                f"'predictor' (--expert-prefetch predictor), but prefetch is {self.prefetch!r}"
+            )
+        if self.policy == EXPERTFLOW_POLICY and self.miss_policy != "exact":
+            raise ExpertOffloadConfigError(
+                f"expert cache policy 'expertflow' runs lossless only; miss_policy={self.miss_policy!r} cannot be "
+                f"combined with it. Valid: miss_policy 'exact' with 'expertflow', or a lossy miss policy with "
+                f"{[p for p in CACHE_POLICIES if p != EXPERTFLOW_POLICY]}"
+            )
+        if self.prefetch != "none" and self.miss_policy != "exact":
+            raise ExpertOffloadConfigError(
+                f"expert prefetch {self.prefetch!r} works with miss_policy 'exact' only (the lossy policies load "
+                f"their own experts for the next step); got miss_policy={self.miss_policy!r}"
+            )
         if self.max_skip_steps < 0:
             raise ExpertOffloadConfigError(f"max_skip_steps must be >= 0, got {self.max_skip_steps}")
         if self.cache_slots is not None and self.cache_slots < 1:
@@ -91,6 +125,11 @@ class ExpertOffloadConfig:
         if self.cache_gb is not None and not (self.cache_gb > 0 and math.isfinite(self.cache_gb)):
             raise ExpertOffloadConfigError(f"expert cache_gb must be a positive number, got {self.cache_gb}")
         if not self.enabled:
+            if self.prefetch != "none":
+                raise ExpertOffloadConfigError(
+                    f"prefetch={self.prefetch!r} (--expert-prefetch) prefetches into the expert cache and needs "
+                    f"enabled=True (--enable-expert-offload)"
+                )
             if self.trace_dir is not None:
                 raise ExpertOffloadConfigError(
                     f"trace_dir={self.trace_dir!r} (--expert-trace-dir) records routing from the offloaded MoE "
@@ -154,13 +193,13 @@ def _coerce(key: str, value: Any) -> Any:
             return None if value is None else float(value)
         if key == "policy":
             return str(value).lower()
-        if key in ("scheduling", "miss_policy"):
+        if key in ("scheduling", "miss_policy", "prefetch"):
             return str(value).lower()
         if key == "max_skip_steps":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError
             return int(value)
-        if key == "trace_dir":
+        if key in ("trace_dir", "predictor_path"):
             return None if value in (None, "") else str(value)
     except (TypeError, ValueError):
         raise ExpertOffloadConfigError(f"expert_offload {key}={value!r} is not a valid {key}") from None

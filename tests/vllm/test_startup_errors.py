@@ -24,7 +24,7 @@ def serve(*flags: str, model: str = "unused-model") -> subprocess.CompletedProce
 
 @pytest.mark.parametrize("flags, message", [
     (["--enable-expert-offload", "--expert-cache-slots", "4", "--expert-cache-policy", "mru"],
-     "invalid choice: 'mru' (choose from 'lru', 'lfu', 'lfru')"),
+     "invalid choice: 'mru' (choose from 'lru', 'lfu', 'lfru', 'expertflow')"),
     (["--enable-expert-offload", "--expert-cache-slots", "0"], "must be a positive integer"),
     (["--enable-expert-offload", "--expert-cache-gb", "lots"], "must be a positive number of GB, got 'lots'"),
 ])
@@ -71,3 +71,33 @@ def test_model_dependent_checks(tiny_models, tmp_path):
     assert "16/16 slots per layer" not in logs and "16 slots per layer" in logs
     assert dense_model["ok"]
     assert "has no MoE layers: serving it normally" in logs
+
+
+def test_prefetch_flags_and_predictor_file_are_checked_at_startup(tiny_models, tmp_path):
+    proc = serve("--enable-expert-offload", "--expert-cache-slots", "4", "--expert-prefetch", "oracle")
+    assert proc.returncode == 2
+    assert "invalid choice: 'oracle' (choose from 'none', 'lookahead', 'predictor')" in proc.stderr
+
+    from vllm_expertflow.core.predictors import RoutingPathPredictor
+
+    qwen3 = str(tiny_models["qwen3_moe"])
+    wrong = tmp_path / "wrong.pt"
+    RoutingPathPredictor(3, 16, 2, hidden=8).save(wrong)  # the model has 4 MoE layers
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_text("not a predictor")
+    base = {"enabled": True, "cache_slots": 4, "prefetch": "predictor"}
+    cases = [
+        (qwen3, {**base, "predictor_path": str(tmp_path / "missing.pt")}),
+        (qwen3, {**base, "predictor_path": str(wrong)}),
+        (qwen3, {**base, "predictor_path": str(garbage)}),
+        (qwen3, {"enabled": True, "cache_slots": 4, "policy": "expertflow", "miss_policy": "skip"}),
+    ]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("startup_probe.py")), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    missing, mismatch, not_a_predictor, lossy = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    assert "missing.pt' (--expert-predictor) is not a file" in missing["error"]
+    assert "trained for 3 MoE layers x 16 experts (top_k 2)" in mismatch["error"]
+    assert "has 4 MoE layers x 16 experts (top_k 2)" in mismatch["error"]
+    assert "does not load" in not_a_predictor["error"]
+    assert "miss_policy='skip' cannot be combined with it" in lossy["error"]

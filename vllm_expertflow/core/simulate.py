@@ -384,11 +384,9 @@ def global_passes(trace: RoutingTrace, num_slots: int, min_per_layer: int) -> li
     ]
 
 
-@dataclasses.dataclass
-class PrefetchLayerStats(LayerCacheStats):
-    # misses stay demand misses; loads count demand and prefetch loads.
-    prefetch_loads: int = 0
-    prefetch_hits: int = 0  # prefetched experts a pass needed before they were evicted
+# The prefetch counters now live in LayerCacheStats (the live cache prefetches too); the
+# name stays for callers. misses stay demand misses; loads count demand and prefetch loads.
+PrefetchLayerStats = LayerCacheStats
 
 
 class ExpertFlowCache:
@@ -488,9 +486,33 @@ class ExpertFlowCache:
         wanted = np.argwhere((demand >= self.prefetch_threshold) & fits[:, None])
         # Most likely first; on ties the earlier layer, which runs first.
         order = sorted(((-demand[layer, expert], layer, expert) for layer, expert in wanted.tolist()))
-        protected = {(layer, expert) for _, layer, expert in order}
+        keys = [(layer, expert) for _, layer, expert in order]
+        return self._prefetch_keys(keys, set(keys))
+
+    def prefetch_layer(
+        self,
+        layer: int,
+        experts: Sequence[int],
+        *,
+        protected: Sequence[tuple[int, int]] = (),
+        demand: np.ndarray | None = None,
+    ) -> list[tuple[int, int]]:
+        """Prefetch ``experts`` of ``layer`` (most wanted first) mid-step; returns the keys loaded.
+
+        For a forecast made inside the step (lookahead: the next layer's router on the
+        current hidden state). ``demand: [E]`` replaces the layer's predicted demand for the
+        rest of the step, so eviction ranks by the fresher forecast. A prefetch takes a slot
+        only from a key expected to be needed later than the prefetched one (as
+        :meth:`begin_step`) and never from ``protected`` keys (a running layer's experts).
+        """
+        if demand is not None:
+            self._demand[layer] = np.asarray(demand, dtype=np.float64)
+        keys = [(layer, int(e)) for e in dict.fromkeys(int(e) for e in experts)][: self.max_pass_experts(layer)]
+        return self._prefetch_keys(keys, set(keys) | set(protected))
+
+    def _prefetch_keys(self, keys: Sequence[tuple[int, int]], protected: set[tuple[int, int]]) -> list[tuple[int, int]]:
         fetched = []
-        for _, layer, expert in order:
+        for layer, expert in keys:
             if expert in self._resident[layer]:
                 continue
             if not self._has_room(layer):

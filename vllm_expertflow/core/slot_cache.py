@@ -47,6 +47,12 @@ class ExpertSlotCache:
         self._slot_table_host = torch.full((store.num_experts,), -1, dtype=torch.int32)
         self._slot_table = self._slot_table_host.to(self.device)
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copies_done: torch.cuda.Event | None = None  # the latest copies' event, not yet waited on
+        self._table_stale = False  # the device slot table lags the host one
+
+    @property
+    def policy_name(self) -> str:
+        return self.map.policy.name
 
     @property
     def stats(self) -> LayerCacheStats:
@@ -57,29 +63,63 @@ class ExpertSlotCache:
         return sum(s.numel() * s.element_size() for s in self.slots)
 
     def ensure_resident(self, experts: Sequence[int]) -> None:
-        """Make every expert in ``experts`` resident, evicting only experts outside it."""
+        """Make every expert in ``experts`` resident, evicting only experts outside it.
+
+        On return the compute stream is ordered after every copy into this layer's slots,
+        prefetches included, and the device slot table is current.
+        """
         loads, evicted = self.map.admit(experts)
-        if not loads:
-            return
+        self._issue(loads, evicted)
+        self._order_compute()
+
+    def prefetch(self, experts: Sequence[int], protected: Sequence[int] = ()) -> int:
+        """Start loading ``experts`` (most wanted first) for a later pass; returns how many are copied.
+
+        Never evicts one of ``experts`` or of ``protected`` (see ``SlotMap.prefetch``). On
+        CUDA the copies run on the copy stream and nothing waits for them now: the compute
+        stream waits on their event only when this layer next runs (``ensure_resident``),
+        so the copies overlap whatever runs in between. A wrong prediction costs only the
+        copy: ``run`` still loads whatever its tokens need.
+        """
+        loads, evicted = self.map.prefetch(experts, protected)
+        self._issue(loads, evicted)
+        return len(loads)
+
+    def _issue(self, loads: list[tuple[int, int]], evicted: list[int]) -> None:
+        """Update the slot table and start the copies of ``loads``."""
         for expert in evicted:
             self._slot_table_host[expert] = -1
         for expert, slot in loads:
             self._slot_table_host[expert] = slot
+        if not loads:
+            return
         stream = self._copy_stream
         if stream is None:
             for expert, slot in loads:
                 for slot_buffer, source in zip(self.slots, self.store.expert(expert), strict=True):
                     slot_buffer[slot].copy_(source)
             return
-        compute_stream = torch.cuda.current_stream(self.device)
         # A slot about to be overwritten may still be read by kernels queued on the compute stream.
-        stream.wait_stream(compute_stream)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for expert, slot in loads:
                 for slot_buffer, source in zip(self.slots, self.store.expert(expert), strict=True):
                     slot_buffer[slot].copy_(source, non_blocking=True)
-        compute_stream.wait_stream(stream)
-        self._slot_table.copy_(self._slot_table_host, non_blocking=True)
+            # The copy stream is in order, so the latest event covers every earlier copy.
+            self._copies_done = torch.cuda.Event()
+            self._copies_done.record(stream)
+        self._table_stale = True
+
+    def _order_compute(self) -> None:
+        """Make the compute stream wait for outstanding copies and refresh the device slot table."""
+        if self._copy_stream is None:
+            return
+        if self._copies_done is not None:
+            torch.cuda.current_stream(self.device).wait_event(self._copies_done)
+            self._copies_done = None
+        if self._table_stale:
+            self._slot_table.copy_(self._slot_table_host, non_blocking=True)
+            self._table_stale = False
 
     def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """``topk_ids: [num_tokens, top_k]`` global expert ids -> same shape, int32 slot ids.

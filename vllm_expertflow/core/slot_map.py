@@ -7,21 +7,25 @@ drive this class, so a policy behaves the same in both.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 from vllm_expertflow.core.policies import ReplacementPolicy
 
 
 @dataclasses.dataclass
 class LayerCacheStats:
-    # hits/misses count distinct experts a pass needed, resident or not.
+    # hits/misses count distinct experts a pass needed, resident or not: a miss is a demand load.
     hits: int = 0
     misses: int = 0
+    # Every copy into a slot, demand and prefetch alike (so bytes_loaded is all link traffic);
+    # demand loads are loads - prefetch_loads.
     loads: int = 0
     bytes_loaded: int = 0
     evictions: int = 0
     steps: int = 0  # forward calls of the layer
     passes: int = 0  # kernel runs; above steps when a step's experts exceeded the slots
+    prefetch_loads: int = 0  # experts copied in ahead of use (a prediction), counted in loads too
+    prefetch_hits: int = 0  # prefetched experts a pass needed before they were evicted
 
     def as_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -40,6 +44,7 @@ class SlotMap:
         self.stats = LayerCacheStats()
         self._slot_of: dict[int, int] = {}
         self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._unused_prefetch: set[int] = set()  # prefetched, not yet needed by a pass
 
     def slot_of(self, expert: int) -> int | None:
         return self._slot_of.get(expert)
@@ -66,6 +71,9 @@ class SlotMap:
             if expert in self._slot_of:
                 self.stats.hits += 1
                 self.policy.on_hit(expert)
+                if expert in self._unused_prefetch:
+                    self._unused_prefetch.discard(expert)
+                    self.stats.prefetch_hits += 1
             else:
                 self.stats.misses += 1
                 missing.append(expert)
@@ -73,17 +81,49 @@ class SlotMap:
         evicted: list[int] = []
         protected = set(needed)
         for expert in missing:
-            if self._free_slots:
-                slot = self._free_slots.pop()
-            else:
-                victim = self.policy.choose_victim(self._slot_of.keys(), protected)
-                slot = self._slot_of.pop(victim)
-                self.policy.on_evict(victim)
-                self.stats.evictions += 1
-                evicted.append(victim)
-            self._slot_of[expert] = slot
-            self.policy.on_load(expert)
-            self.stats.loads += 1
-            self.stats.bytes_loaded += self.bytes_per_expert
-            loads.append((expert, slot))
+            loads.append((expert, self._load(expert, protected, evicted)))
         return loads, evicted
+
+    def prefetch(self, experts: Sequence[int], protected: Collection[int] = ()) -> tuple[list[tuple[int, int]], list[int]]:
+        """Load ``experts`` ahead of use, most wanted first; returns ``(loads, evicted)`` as :meth:`admit`.
+
+        At most ``num_slots`` of them are considered (the rest could only evict the first
+        ones). A prefetch never evicts another expert of ``experts`` nor one in ``protected``
+        (the experts of a pass that is running); it stops when nothing else is evictable.
+        Already resident experts are left alone: a prediction is not a use, so the policy
+        sees no hit. Prefetched experts count in ``loads`` and ``prefetch_loads``, not in
+        hits or misses; one that a later pass needs before its eviction is a ``prefetch_hit``.
+        """
+        wanted = list(dict.fromkeys(int(e) for e in experts))[: self.num_slots]
+        for expert in wanted:
+            if not 0 <= expert < self.num_experts:
+                raise ValueError(f"expert id {expert} out of range 0..{self.num_experts - 1}")
+        keep = set(wanted) | {int(e) for e in protected}
+        loads: list[tuple[int, int]] = []
+        evicted: list[int] = []
+        for expert in wanted:
+            if expert in self._slot_of:
+                continue
+            if not self._free_slots and all(e in keep for e in self._slot_of):
+                break
+            loads.append((expert, self._load(expert, keep, evicted)))
+            self.stats.prefetch_loads += 1
+            self._unused_prefetch.add(expert)
+        return loads, evicted
+
+    def _load(self, expert: int, protected: Collection[int], evicted: list[int]) -> int:
+        """Give ``expert`` a slot (a free one, else the policy's victim outside ``protected``); returns the slot."""
+        if self._free_slots:
+            slot = self._free_slots.pop()
+        else:
+            victim = self.policy.choose_victim(self._slot_of.keys(), protected)
+            slot = self._slot_of.pop(victim)
+            self.policy.on_evict(victim)
+            self._unused_prefetch.discard(victim)
+            self.stats.evictions += 1
+            evicted.append(victim)
+        self._slot_of[expert] = slot
+        self.policy.on_load(expert)
+        self.stats.loads += 1
+        self.stats.bytes_loaded += self.bytes_per_expert
+        return slot

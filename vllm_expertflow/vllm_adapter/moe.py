@@ -8,11 +8,14 @@ With offload off both behave exactly like the vLLM classes they subclass.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from vllm_expertflow.config import ExpertOffloadConfig, ExpertOffloadConfigError
+from vllm_expertflow.config import EXPERTFLOW_POLICY, ExpertOffloadConfig, ExpertOffloadConfigError
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
-from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR
+from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
+from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor, step_demand
+from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR, first_positions
 from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_for, group_of_worker
 from vllm_expertflow.vllm_adapter.vllm_api import (
     RoutedExperts,
@@ -22,6 +25,8 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
     install_router_logits_capture,
     install_worker_step_hooks,
     moe_kernel_apply,
+    moe_router_weights,
+    worker_model,
 )
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
@@ -79,6 +84,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._group: ExpertCacheGroup = group_for(vllm_config)
         self._group.add_layer(self.layer_name)
         self._group.trace_dir = self.offload.trace_dir
+        self._group.prefetch = self.offload.prefetch
         install_worker_step_hooks(begin_worker_step, end_worker_step)
         if self.offload.miss_policy == "substitute":
             install_router_logits_capture()
@@ -101,7 +107,17 @@ class OffloadedRoutedExperts(RoutedExperts):
             bytes_per_expert=store.bytes_per_expert,
             num_moe_layers=self._group.num_layers,
         )
-        self.expert_cache = ExpertSlotCache(store, num_slots, make_policy(self.offload.policy), self._device)
+        self._layer_index = self._group.layer_names.index(self.layer_name)
+        if self.offload.policy == EXPERTFLOW_POLICY:
+            if self._group.pool is None:
+                # ExpertFlowCache prefetches from its own step forecast only when a predictor makes one.
+                self._group.pool = ExpertPool(
+                    store, self._group.num_layers, num_slots, self.top_k, self._device,
+                    prefetch=self.offload.prefetch == "predictor",
+                )
+            self.expert_cache = self._group.pool.add_layer(self._layer_index, store)
+        else:
+            self.expert_cache = ExpertSlotCache(store, num_slots, make_policy(self.offload.policy), self._device)
         # The scheduler groups requests only when the slots cannot hold every expert (scheduler.py).
         self._group.scheduler_wants_signatures |= (
             self.offload.scheduling == "expertflow" and num_slots < store.num_experts
@@ -122,6 +138,8 @@ class OffloadedRoutedExperts(RoutedExperts):
         recorder = self._group.recorder
         if recorder is not None:
             recorder.record(self.layer_name, topk_ids)
+        if self._group.lookahead is not None:
+            self._lookahead_prefetch(x, topk_ids)
         # Shared experts run once over the whole input; only the first pass takes them.
         pending_shared = [shared_experts, shared_experts_input]
 
@@ -143,18 +161,112 @@ class OffloadedRoutedExperts(RoutedExperts):
                                    router_scores=getattr(self, "last_router_logits", None))
         return cache.run(x, topk_weights, topk_ids, run_kernel)
 
+    def _lookahead_prefetch(self, x: torch.Tensor, topk_ids: torch.Tensor) -> None:
+        """Prefetch the next MoE layer's experts as its router would pick them on this layer's input.
+
+        Issued before this layer's kernel so that, on CUDA, the copies overlap it; the next
+        layer waits for them only when it runs.
+        """
+        group = self._group
+        following = self._layer_index + 1
+        if following >= group.num_layers:
+            return
+        next_cache = group.caches.get(group.layer_names[following])
+        if next_cache is None:
+            return
+        rows = group.step_tokens if group.step_tokens is not None else x.shape[0]  # drop padding rows
+        if rows == 0:
+            return
+        picks = group.lookahead.predict(x[:rows], self._layer_index, 1)[:, 0, :]  # [T, top_k]
+        counts = torch.bincount(picks.reshape(-1).long(), minlength=group.lookahead.num_experts).cpu()
+        # Most tokens first: if not all fit, the experts most of the step needs are the ones loaded.
+        order = torch.argsort(counts, descending=True, stable=True)
+        experts = [e for e in order.tolist() if counts[e] > 0]
+        if isinstance(next_cache, PooledLayerCache):
+            running = [(self._layer_index, e) for e in torch.unique(topk_ids[:rows]).tolist()]
+            demand = (counts > 0).numpy().astype(np.float64)
+            next_cache.prefetch(experts, protected=running, demand=demand)
+        else:
+            next_cache.prefetch(experts)
+
+
+def model_loaded(worker) -> None:
+    """Set up the prefetch predictors once the model (and its routers) is loaded, before any request."""
+    group = group_of_worker(worker)
+    if group is None or not group.caches:
+        return
+    offload = ExpertOffloadConfig.from_additional_config(worker.vllm_config.additional_config)
+    num_experts = next(iter(group.caches.values())).store.num_experts
+    if offload.prefetch == "lookahead":
+        weights = moe_router_weights(worker_model(worker), OffloadedRoutedExperts)
+        missing = [name for name in group.layer_names if name not in weights]
+        if missing:
+            raise ExpertOffloadConfigError(
+                f"expert prefetch 'lookahead' needs every MoE layer's router (gate) weight, but none was found for "
+                f"{missing}; use --expert-prefetch none or predictor for this model"
+            )
+        group.lookahead = LookaheadPredictor([weights[name] for name in group.layer_names], group.top_k)
+    elif offload.prefetch == "predictor":
+        predictor = RoutingPathPredictor.load(offload.predictor_path)
+        expected = (group.num_layers, num_experts, group.top_k)
+        if (predictor.num_layers, predictor.num_experts, predictor.top_k) != expected:
+            raise ExpertOffloadConfigError(
+                f"predictor_path={offload.predictor_path!r} predicts {predictor.num_layers} MoE layers x "
+                f"{predictor.num_experts} experts (top_k {predictor.top_k}); the loaded model has {expected[0]} x "
+                f"{expected[1]} (top_k {expected[2]})"
+            )
+        group.predictor = predictor
+
 
 def begin_worker_step(worker, scheduler_output) -> None:
     group = group_of_worker(worker)
-    if group is not None and group.recorder is not None:
+    if group is None:
+        return
+    group.step_tokens = scheduler_output.total_num_scheduled_tokens
+    if group.recorder is not None:
         group.recorder.begin_step(scheduler_output.total_num_scheduled_tokens)
+    if group.predictor is not None:
+        for request in scheduler_output.finished_req_ids:
+            group.predictor.history.forget(request)
+        _predictor_prefetch(group, scheduler_output)
+    elif group.pool is not None:
+        group.pool.begin_step()  # forecast: the previous step's usage
+
+
+def _predictor_prefetch(group: ExpertCacheGroup, scheduler_output) -> None:
+    """Predict every layer's experts for the step's tokens and prefetch them before the first MoE layer."""
+    counts = scheduler_output.num_scheduled_tokens
+    if not counts:
+        return
+    starts = first_positions(scheduler_output)
+    requests = list(counts)
+    request_ids = np.repeat(np.asarray(requests, dtype=np.str_), [counts[r] for r in requests])
+    positions = np.concatenate([np.arange(starts.get(r, 0), starts.get(r, 0) + counts[r]) for r in requests])
+    proba = group.predictor.predict_proba(request_ids, positions)  # [T, L, E]
+    demand = step_demand(proba)  # [L, E]
+    if group.pool is not None:
+        group.pool.begin_step(demand)  # ExpertFlowCache prefetches from the forecast itself
+        return
+    top_k = np.argsort(-proba, axis=2, kind="stable")[..., : group.top_k]  # each token's predicted experts
+    for layer, name in enumerate(group.layer_names):
+        cache = group.caches.get(name)
+        if cache is None:
+            continue
+        predicted = np.unique(top_k[:, layer, :])
+        ranked = predicted[np.argsort(-demand[layer, predicted], kind="stable")]
+        cache.prefetch(ranked[: cache.num_slots].tolist())
 
 
 def end_worker_step(worker, scheduler_output, req_ids: list[str]) -> dict | None:
     group = group_of_worker(worker)
-    if group is None or group.recorder is None:
+    if group is None:
+        return None
+    group.step_tokens = None
+    if group.recorder is None:
         return None
     signatures = group.recorder.end_step(scheduler_output, req_ids)
+    if group.predictor is not None and group.recorder.last_step is not None:
+        group.predictor.observe(*group.recorder.last_step)
     if not signatures:
         return None
     extra: dict = {SIGNATURES_ATTR: signatures}

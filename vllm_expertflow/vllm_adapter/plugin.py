@@ -16,12 +16,19 @@ def register() -> None:
     if _registered:
         return
     from vllm_expertflow.vllm_adapter import startup, vllm_api
-    from vllm_expertflow.vllm_adapter.moe import OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod
+    from vllm_expertflow.vllm_adapter.moe import (
+        OffloadedRoutedExperts,
+        OffloadedUnquantizedFusedMoEMethod,
+        model_loaded,
+    )
     from vllm_expertflow.vllm_adapter.stats import worker_cache_stats, worker_flush_trace
 
     if not vllm_api.is_oot_registered("RoutedExperts"):
         vllm_api.register_oot_layers(OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod)
     vllm_api.WorkerBase.expertflow_cache_stats = worker_cache_stats
     vllm_api.WorkerBase.expertflow_flush_trace = worker_flush_trace
+    # Before any worker loads a model: the offloaded layers are built inside load_model, too late
+    # to wrap it for that engine. With offload off the callback finds no cache group and returns.
+    vllm_api.install_model_loaded_hook(model_loaded)
     startup.install()
     _registered = True

@@ -38,12 +38,15 @@ class RoutingRecorder:
         if self.writer is not None:
             atexit.register(self.close)  # an engine that shuts down cleanly keeps its last steps
         self.step_id = 0
+        # (request_ids [T], positions [T], topk_ids [T, L, K]) of the last step, None if it recorded nothing.
+        self.last_step: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._active = False
         self._num_tokens = 0
         self._layer_ids: list[torch.Tensor | None] = [None] * len(layer_names)
         self._layer_index = {name: i for i, name in enumerate(layer_names)}
 
     def begin_step(self, num_scheduled_tokens: int) -> None:
+        self.last_step = None
         self._active = num_scheduled_tokens > 0
         self._num_tokens = num_scheduled_tokens
         self._layer_ids = [None] * len(self.layer_names)
@@ -68,13 +71,15 @@ class RoutingRecorder:
         # Packed bit signatures: small to pickle, and what the grouper works on.
         packed = ExpertSignature.from_batch_topk_ids(topk, per_token_counts, self.num_experts)
         signatures = dict(zip(order, packed, strict=True))
+        first_positions = _first_positions(scheduler_output)
+        request_ids = np.repeat(np.asarray(order, dtype=np.str_), per_token_counts)
+        positions = np.concatenate([
+            np.arange(first_positions.get(r, 0), first_positions.get(r, 0) + n) for r, n in
+            zip(order, per_token_counts, strict=True)
+        ]) if order else np.zeros(0, dtype=np.int32)
+        # The routing predictor (prefetch "predictor") learns from it after each step.
+        self.last_step = (request_ids, positions, topk)
         if self.writer is not None:
-            first_positions = _first_positions(scheduler_output)
-            request_ids = np.repeat(np.asarray(order, dtype=np.str_), per_token_counts)
-            positions = np.concatenate([
-                np.arange(first_positions.get(r, 0), first_positions.get(r, 0) + n) for r, n in
-                zip(order, per_token_counts, strict=True)
-            ]) if order else np.zeros(0, dtype=np.int32)
             self.writer.record_step(self.step_id, request_ids, positions, topk)
         self.step_id += 1
         return signatures
@@ -82,6 +87,10 @@ class RoutingRecorder:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
+
+
+def first_positions(scheduler_output: Any) -> dict[str, int]:
+    return _first_positions(scheduler_output)
 
 
 def _first_positions(scheduler_output: Any) -> dict[str, int]:

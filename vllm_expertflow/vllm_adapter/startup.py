@@ -17,6 +17,7 @@ from vllm_expertflow.config import (
     ADDITIONAL_CONFIG_KEY,
     CACHE_POLICIES,
     MISS_POLICIES,
+    PREFETCH_MODES,
     SCHEDULING_POLICIES,
     ExpertOffloadConfig,
     ExpertOffloadConfigError,
@@ -36,6 +37,8 @@ CLI_KEYS = {
     "expert_scheduling": "scheduling",
     "expert_scheduling_max_skip": "max_skip_steps",
     "expert_miss_policy": "miss_policy",
+    "expert_prefetch": "prefetch",
+    "expert_predictor": "predictor_path",
 }
 
 
@@ -72,7 +75,14 @@ def add_cli_args(parser):
                        help="Device memory for expert slots over all MoE layers, in GiB. "
                             "Give this or --expert-cache-slots, not both.")
     group.add_argument("--expert-cache-policy", choices=CACHE_POLICIES, default=None,
-                       help="Replacement policy of the expert cache.")
+                       help="Replacement policy of the expert cache; 'expertflow' shares one slot pool "
+                            "(slots per layer x MoE layers) over all MoE layers by predicted demand.")
+    group.add_argument("--expert-prefetch", choices=PREFETCH_MODES, default=None,
+                       help="Load experts ahead of use: 'lookahead' applies the next MoE layer's router to the "
+                            "current layer's input; 'predictor' runs a trained routing predictor "
+                            "(--expert-predictor) once per step. Lossless either way.")
+    group.add_argument("--expert-predictor", default=None, metavar="PATH",
+                       help="Routing predictor for --expert-prefetch predictor (scripts/train_predictor.py).")
     group.add_argument("--expert-scheduling", choices=SCHEDULING_POLICIES, default=None,
                        help="Step composition with offload on: 'expertflow' (default) groups requests that use "
                             "the same experts; 'fcfs' keeps vLLM's own order.")
@@ -132,6 +142,8 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             offload.cache_slots, num_experts, model_config.model, num_experts,
         )
     planned_slots_per_layer(offload, vllm_config)  # raises on a budget below top_k slots
+    if offload.predictor_path is not None:
+        check_predictor(offload.predictor_path, vllm_config)
     if offload.trace_dir and any(Path(offload.trace_dir).glob("routing-*.npz")):
         raise ExpertOffloadConfigError(
             f"trace_dir={offload.trace_dir!r} (--expert-trace-dir) already holds a routing trace; "
@@ -145,6 +157,31 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
     install_scheduler(offload, vllm_config)
     stats_dir = ensure_stats_dir()
     register_prometheus_collector(stats_dir)
+
+
+def check_predictor(path: str, vllm_config: Any) -> None:
+    """The predictor file exists, loads, and predicts this model's MoE layers and experts."""
+    from vllm_expertflow.core.predictors import RoutingPathPredictor
+
+    if not Path(path).is_file():
+        raise ExpertOffloadConfigError(
+            f"predictor_path={path!r} (--expert-predictor) is not a file; give the output of "
+            f"scripts/train_predictor.py --out FILE"
+        )
+    try:
+        predictor = RoutingPathPredictor.load(path)
+    except (ValueError, OSError, KeyError, TypeError) as exc:
+        raise ExpertOffloadConfigError(f"predictor_path={path!r} (--expert-predictor) does not load: {exc}") from None
+    model_config = vllm_config.model_config
+    num_layers = estimate_num_moe_layers(model_config.hf_text_config, model_config.get_total_num_hidden_layers())
+    num_experts = model_config.get_num_experts()
+    top_k = model_config.get_num_experts_per_tok()
+    if (predictor.num_layers, predictor.num_experts, predictor.top_k) != (num_layers, num_experts, top_k):
+        raise ExpertOffloadConfigError(
+            f"predictor_path={path!r} (--expert-predictor) was trained for {predictor.num_layers} MoE layers x "
+            f"{predictor.num_experts} experts (top_k {predictor.top_k}), but {model_config.model} has {num_layers} "
+            f"MoE layers x {num_experts} experts (top_k {top_k}); train one on this model's routing trace"
+        )
 
 
 def install_scheduler(offload: ExpertOffloadConfig, vllm_config: Any) -> None:

@@ -20,14 +20,18 @@ from typing import Any
 import numpy as np
 
 from vllm_expertflow.core import ExpertSlotCache
+from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
 from vllm_expertflow.core.grouping import ExpertSignature
+from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor
 from vllm_expertflow.vllm_adapter.routing import RoutingRecorder
 from vllm_expertflow.vllm_adapter.vllm_api import init_logger
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
 STATS_DIR_ENV = "VLLM_EXPERTFLOW_STATS_DIR"
-TOTAL_KEYS = ("hits", "misses", "loads", "bytes_loaded", "evictions", "steps", "passes")
+# loads count every copy into a slot; demand loads are loads - prefetch_loads (= misses when exact).
+TOTAL_KEYS = ("hits", "misses", "loads", "bytes_loaded", "evictions", "steps", "passes", "prefetch_loads",
+              "prefetch_hits")
 SNAPSHOT_INTERVAL_S = 0.2
 
 
@@ -36,11 +40,16 @@ class ExpertCacheGroup:
 
     def __init__(self) -> None:
         self.layer_names: list[str] = []
-        self.caches: dict[str, ExpertSlotCache] = {}
+        self.caches: dict[str, ExpertSlotCache | PooledLayerCache] = {}
         self.top_k = 0
         self.recorder: RoutingRecorder | None = None
         self.trace_dir: str | None = None
         self.scheduler_wants_signatures = False
+        self.pool: ExpertPool | None = None  # policy expertflow: one slot pool for every layer
+        self.prefetch = "none"
+        self.lookahead: LookaheadPredictor | None = None  # prefetch lookahead, set once the model is loaded
+        self.predictor: RoutingPathPredictor | None = None  # prefetch predictor, set once the model is loaded
+        self.step_tokens: int | None = None  # tokens of the running engine step (None outside one)
         self._writer: _SnapshotWriter | None = None
 
     @property
@@ -51,13 +60,13 @@ class ExpertCacheGroup:
         if name not in self.layer_names:
             self.layer_names.append(name)
 
-    def add_cache(self, name: str, cache: ExpertSlotCache, *, top_k: int) -> None:
+    def add_cache(self, name: str, cache: ExpertSlotCache | PooledLayerCache, *, top_k: int) -> None:
         self.caches[name] = cache
         self.top_k = top_k
         if len(self.caches) == self.num_layers:
             logger.info("%s", self.summary_line())
             # Routing is only collected for someone who reads it: a trace, or the expert-aware scheduler.
-            if self.trace_dir or self.scheduler_wants_signatures:
+            if self.trace_dir or self.scheduler_wants_signatures or self.prefetch == "predictor":
                 self.recorder = RoutingRecorder(
                     self.layer_names, cache.store.num_experts, top_k, self.trace_dir, cache.store.bytes_per_expert
                 )
@@ -69,14 +78,16 @@ class ExpertCacheGroup:
         first = next(iter(self.caches.values()))
         num_experts = first.store.num_experts
         per_expert = first.store.bytes_per_expert
-        with_offload = sum(c.device_bytes for c in self.caches.values())
+        # Pooled layers share one set of buffers: count each buffer once.
+        with_offload = sum({id(c.slots[0]): c.device_bytes for c in self.caches.values()}.values())
         without = sum(c.store.num_experts * c.store.bytes_per_expert for c in self.caches.values())
         slots = sorted({c.num_slots for c in self.caches.values()})
+        pooled = " (one pool shared by all layers)" if self.pool is not None else ""
         return (
             f"expert offload: {self.num_layers} MoE layers, {num_experts} experts per layer (top_k {self.top_k}), "
-            f"{per_expert} bytes per expert, {'/'.join(map(str, slots))} slots per layer, "
+            f"{per_expert} bytes per expert, {'/'.join(map(str, slots))} slots per layer{pooled}, "
             f"device bytes for experts {with_offload} with offload vs {without} without "
-            f"({with_offload / max(without, 1):.1%}); policy {first.map.policy.name}"
+            f"({with_offload / max(without, 1):.1%}); policy {first.policy_name}, prefetch {self.prefetch}"
         )
 
     def resident_signature(self) -> ExpertSignature | None:
@@ -228,6 +239,8 @@ class ExpertCacheCollector:
         ("loads", "Experts copied from host memory into a device slot"),
         ("bytes_loaded", "Bytes copied from host memory into device slots"),
         ("evictions", "Experts evicted from a device slot"),
+        ("prefetch_loads", "Experts copied into a slot ahead of use (counted in loads too)"),
+        ("prefetch_hits", "Prefetched experts a step needed before they were evicted"),
     )
 
     def __init__(self, stats_dir: str) -> None:

@@ -163,3 +163,53 @@ def reorder_waiting(scheduler, ordered_requests: list) -> bool:
     waiting.clear()
     waiting.extend(ordered_requests)
     return True
+
+
+def install_model_loaded_hook(callback) -> None:
+    """Call ``callback(worker)`` right after the worker has loaded its model (weights processed). Idempotent."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    if getattr(Worker, "_expertflow_load_hooked", False):
+        return
+    original_load_model = Worker.load_model
+
+    def load_model(self, *args, **kwargs):
+        result = original_load_model(self, *args, **kwargs)
+        callback(self)
+        return result
+
+    Worker.load_model = load_model
+    Worker._expertflow_load_hooked = True
+
+
+def worker_model(worker):
+    """The model module a worker runs (after ``load_model``)."""
+    return worker.get_model()
+
+
+def moe_router_weights(model, routed_experts_cls: type) -> dict[str, object]:
+    """``layer_name -> router weight [num_experts, hidden]`` of each MoE block whose experts are ``routed_experts_cls``.
+
+    vLLM's MoE blocks (Qwen2/3-MoE, Mixtral, Qwen3-VL-MoE, ...) hold the router as ``.gate``
+    (a ``GateLinear``, ``logits = x @ W.T``, no bias) beside ``.experts``, the ``MoERunner``
+    whose ``.routed_experts`` is the layer that runs the experts. The gate's parameter may
+    be repacked for the platform's GEMM (on CPU it is 1-D after loading), so ``W`` is read
+    back through the gate itself: ``gate(I) = W.T``, exact in any dtype.
+    """
+    import torch
+
+    found: dict[str, object] = {}
+    for module in model.modules():
+        gate, experts = getattr(module, "gate", None), getattr(module, "experts", None)
+        if gate is None or experts is None:
+            continue
+        routed = experts if isinstance(experts, routed_experts_cls) else getattr(experts, "routed_experts", None)
+        hidden = getattr(gate, "input_size", None)
+        if not isinstance(routed, routed_experts_cls) or hidden is None or getattr(gate, "bias", None) is not None:
+            continue
+        weight = next(gate.parameters())
+        with torch.no_grad():
+            logits = gate(torch.eye(hidden, dtype=getattr(gate, "params_dtype", weight.dtype), device=weight.device))
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        found[routed.layer_name] = logits.T.float().contiguous()
+    return found
