@@ -143,15 +143,30 @@ def answer_section(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list
         out.append(f"- **Cache size:** the largest departure from offload-off among lossy cells is {worst['cell']}: "
                    f"{pts(worst['agree_all'])}% of answers unchanged, VQAv2 {signed(delta(worst, 'vqav2_acc'))} "
                    f"points, MMBench CircularEval {signed(delta(worst, 'mmbench_circular_acc'))} points.")
-    if na:
+    global_ok = [r for r in ok if r["budget_mode"] == "global"]
+    if global_ok:
+        same = [r for r in global_ok if r["agree_all"] == 1.0]
+        per_layer = {(r["capacity_pct"], r["scheduling"], r["miss_policy"]): r for r in ok
+                     if r["budget_mode"] == "per-layer"}
+        load_ratios = [r["loads_per_token"] / p["loads_per_token"] for r in global_ok
+                       for p in [per_layer.get((r["capacity_pct"], r["scheduling"], r["miss_policy"]))]
+                       if p is not None and r["loads_per_token"] and p["loads_per_token"]]
+        text = (f"- **Memory budget mode:** the global budget (one slot pool shared by all MoE layers, policy "
+                f"expertflow) answered every item as offload-off in {len(same)} of "
+                f"{plural(len(global_ok), 'cell')}; its expert loads per generated token were "
+                f"{ratio_span(load_ratios)} those of the per-layer budget at the same memory.")
+        if na:
+            text += (f" It runs lossless only, so its {plural(len(na), 'lossy cell')} were not run (listed as "
+                     f"'not available'): how a shared budget changes *lossy* accuracy stays open.")
+        out.append(text)
+    elif na:
         modes = sorted({r["budget_mode"] for r in na})
-        out.append(f"- **Memory budget mode:** {', '.join(modes)} budgets are not available in the live cache; "
+        out.append(f"- **Memory budget mode:** {', '.join(modes)} budgets are not available for these cells; "
                    f"those {plural(len(na), 'cell')} were not run (listed as 'not available'), so this sweep cannot "
                    f"say how a shared cross-layer budget changes accuracy.")
     else:
-        out.append("- **Memory budget mode:** this grid ran per-layer budgets only (the global mode, one budget shared "
-                   "across layers, is not available in the live cache), so it cannot say how a shared cross-layer "
-                   "budget changes accuracy.")
+        out.append("- **Memory budget mode:** this grid ran per-layer budgets only, so it cannot say how a shared "
+                   "cross-layer budget changes accuracy.")
     out.append("")
 
     # --- details -----------------------------------------------------------------------------

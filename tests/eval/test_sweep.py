@@ -36,21 +36,27 @@ def test_slots_for_rejects_bad_capacity():
         sweep.slots_for(150, 8, 2)
 
 
-def test_full_grid_has_every_combination_and_global_cells_unavailable():
+def test_full_grid_has_every_combination_and_lossy_global_cells_unavailable():
     cells = sweep.build_grid("full")
     assert len(cells) == 5 * 2 * 2 * 3
     assert len({c.id for c in cells}) == len(cells)
     assert {c.capacity_pct for c in cells} == {100, 75, 50, 25, 12.5}
     unavailable = [c for c in cells if not c.available]
-    assert unavailable and all(c.budget_mode == "global" for c in unavailable)
-    with pytest.raises(ValueError, match="not implemented"):
+    assert {(c.budget_mode, c.miss_policy) for c in unavailable} == {("global", "skip"), ("global", "substitute")}
+    with pytest.raises(ValueError, match="exact miss policy only"):
         sweep.offload_settings(unavailable[0], 4)
+    global_exact = next(c for c in cells if c.budget_mode == "global" and c.miss_policy == "exact")
+    assert sweep.offload_settings(global_exact, 4)["policy"] == "expertflow"  # one pool for all layers
 
 
 def test_reduced_grid():
     cells = sweep.build_grid("reduced")
     assert {(c.capacity_pct, c.budget_mode, c.scheduling, c.miss_policy) for c in cells} == {
-        (cap, "per-layer", s, m) for cap in (100, 25) for s in ("fcfs", "expertflow") for m in ("exact", "skip")
+        (cap, mode, s, m)
+        for cap in (100, 25)
+        for mode in ("per-layer", "global")
+        for s in ("fcfs", "expertflow")
+        for m in ("exact", "skip")
     }
     assert sweep.offload_settings(cells[0], 8) == {"enabled": True, "cache_slots": 8, "policy": "lru",
                                                     "scheduling": cells[0].scheduling,
@@ -58,7 +64,9 @@ def test_reduced_grid():
 
 
 def test_grid_overrides_are_validated():
-    cells = sweep.build_grid("reduced", capacities=[50], schedulings=["expertflow"], miss_policies=["substitute"])
+    cells = sweep.build_grid(
+        "reduced", capacities=[50], budget_modes=["per-layer"], schedulings=["expertflow"], miss_policies=["substitute"]
+    )
     assert [c.id for c in cells] == ["per-layer-c50-expertflow-substitute"]
     assert sweep.build_grid("full", capacities=[]) == []
     with pytest.raises(ValueError, match="miss policy"):
@@ -170,10 +178,13 @@ def test_aggregate_writes_csv_and_table_with_not_available_and_pending_cells(tmp
     assert float(lossy["loads_per_token"]) == 0.5 and float(lossy["tokens_per_s"]) == 5.0
     assert float(lossy["expert_mib_device"]) == 2 * 4 and float(lossy["expert_mib_all"]) == 8 * 4
     assert by_cell["per-layer-c25-expertflow-skip"]["status"] == "pending"
-    unavailable = [r for r in csv_rows if r["budget_mode"] == "global"]
-    assert len(unavailable) == 8 and all(r["status"] == "not available" and not r["vqav2_acc"] for r in unavailable)
+    # The global budget (policy expertflow) runs lossless only: its skip cells are not available.
+    unavailable = [r for r in csv_rows if r["status"] == "not available"]
+    assert sorted((r["budget_mode"], r["miss_policy"]) for r in unavailable) == [("global", "skip")] * 4
+    assert all(not r["vqav2_acc"] for r in unavailable)
+    assert by_cell["global-c25-expertflow-exact"]["status"] == "ok"
     table = (tmp_path / "table.md").read_text()
-    assert table.count("not available") >= 8 and "pending" in table
+    assert table.count("not available") >= 4 and "pending" in table
     assert len(rows) == len(csv_rows)
     paths = sweep.plot(rows, tmp_path)
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
@@ -192,7 +203,8 @@ def test_make_results_fills_the_answer_from_the_csv(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = results.read_text()
     assert "no accuracy effect" in text  # both ExpertFlow exact cells agree with the baseline
-    assert "global budgets are not available" in text
+    assert "answered every item as offload-off in 4 of 4 cells" in text  # the global (expertflow) cells
+    assert "its 4 lossy cells were not run" in text
     assert "per-layer-c25-fcfs-skip" in text  # the worst lossy cell, named from the data
     assert "66.7% of answers unchanged" in text
     assert (tmp_path / "docs" / "results" / "accuracy_vs_capacity.png").exists()
@@ -234,7 +246,7 @@ def test_sweep_on_a_random_tiny_vlm(random_vlm, tmp_path):
     assert list(next(iter(rows.values()))) == sweep.CSV_COLUMNS
     assert len(rows) == 1 + 16
     ok = [r for r in rows.values() if r["status"] == "ok"]
-    assert len(ok) == 9
+    assert len(ok) == 13  # baseline, 8 per-layer cells, 4 global (exact) cells
     for r in ok:
         for column in ("vqav2_acc", "mmbench_circular_acc", "mmbench_row_acc", "agree_all", "tokens_per_s"):
             assert r[column] != "", (r["cell"], column)
@@ -243,8 +255,9 @@ def test_sweep_on_a_random_tiny_vlm(random_vlm, tmp_path):
     assert rows["per-layer-c12.5-fcfs-exact"]["slots"] == "2"
     offload = [r for r in ok if r["cell"] != "baseline"]
     assert all(float(r["hit_rate"]) < 1 and float(r["loads_per_token"]) > 0 for r in offload)
-    unavailable = [r for r in rows.values() if r["budget_mode"] == "global"]
-    assert len(unavailable) == 8 and all(r["status"] == "not available" and r["vqav2_acc"] == "" for r in unavailable)
+    unavailable = [r for r in rows.values() if r["status"] == "not available"]
+    assert sorted((r["budget_mode"], r["miss_policy"]) for r in unavailable) == [("global", "skip")] * 4
+    assert all(r["vqav2_acc"] == "" for r in unavailable)
     assert "not available" in (out / "table.md").read_text()
     assert all((out / name).exists() for name in ("accuracy_vs_capacity.png", "hit_rate_vs_capacity.png"))
 

@@ -6,11 +6,12 @@
 Grid (``full``): cache capacity {100, 75, 50, 25, 12.5}% of the experts per MoE layer
 (``slots = max(top_k, round(pct * E))``) x budget mode {per-layer, global} x scheduling
 {fcfs, expertflow} x miss policy {exact, skip, substitute}, plus an offload-off baseline.
-``reduced``: capacities {100, 25} x per-layer x {fcfs, expertflow} x {exact, skip} (default
+``reduced``: capacities {100, 25} x {per-layer, global} x {fcfs, expertflow} x {exact, skip} (default
 ``--limit 40``). ``--capacities/--budget-modes/--schedulings/--miss-policies`` override an axis.
 
-The ``global`` budget mode (one slot budget shared by all MoE layers) is not implemented in the
-live cache: its cells are listed with status ``not available`` and never run or faked.
+The ``global`` budget mode is the live cache's ``expertflow`` policy: one pool of ``slots x
+MoE layers`` shared by all layers by predicted demand. It is lossless only, so its skip and
+substitute cells are listed with status ``not available`` and never run or faked.
 Two capacities that round to the same slot count run once; the second cell reuses the first
 cell's outputs (column ``reused_from``).
 
@@ -52,14 +53,17 @@ from vllm_expertflow.eval import mmbench, vqav2
 BUNDLED_VLM = Path(__file__).resolve().parents[2] / "models" / "toy-qwen3-vl-moe"
 
 CAPACITIES = {"full": (100.0, 75.0, 50.0, 25.0, 12.5), "reduced": (100.0, 25.0)}
-BUDGET_MODES = {"full": ("per-layer", "global"), "reduced": ("per-layer",)}
+BUDGET_MODES = {"full": ("per-layer", "global"), "reduced": ("per-layer", "global")}
 SCHEDULINGS = {"full": ("fcfs", "expertflow"), "reduced": ("fcfs", "expertflow")}
 MISS_POLICIES = {"full": ("exact", "skip", "substitute"), "reduced": ("exact", "skip")}
 DEFAULT_LIMIT = {"full": None, "reduced": 40}
 ALL_BUDGET_MODES = ("per-layer", "global")
-AVAILABLE_BUDGET_MODES = ("per-layer",)
+# The global budget is the live cache's expertflow policy (one slot pool for all MoE layers),
+# which runs lossless only.
+GLOBAL_POLICY = "expertflow"
 NOT_AVAILABLE_REASON = {
-    "global": "global slot budget (slots shared across MoE layers) is not implemented in the live cache yet",
+    "global": "the global slot budget (cache policy expertflow, one pool for all MoE layers) runs with the exact "
+    "miss policy only; lossy miss policies are not available with it",
 }
 BASELINE = "baseline"
 # Generation settings shared with the lm-eval tasks (lm_eval_tasks/*.yaml): greedy, few tokens. Special tokens
@@ -97,7 +101,7 @@ class Cell:
 
     @property
     def available(self) -> bool:
-        return self.budget_mode in AVAILABLE_BUDGET_MODES
+        return self.budget_mode == "per-layer" or self.miss_policy == "exact"
 
 
 def slots_for(capacity_pct: float, num_experts: int, top_k: int) -> int:
@@ -108,10 +112,15 @@ def slots_for(capacity_pct: float, num_experts: int, top_k: int) -> int:
 
 
 def offload_settings(cell: Cell, slots: int, cache_policy: str = "lru") -> dict[str, Any]:
-    """The ``additional_config["expert_offload"]`` dict of a per-layer cell."""
+    """The ``additional_config["expert_offload"]`` dict of a cell.
+
+    Global cells hold the same device memory as per-layer ones (``slots`` per layer on average)
+    in one pool that the expertflow policy shares between layers by predicted demand.
+    """
     if not cell.available:
         raise ValueError(f"cell {cell.id}: {NOT_AVAILABLE_REASON[cell.budget_mode]}")
-    return {"enabled": True, "cache_slots": slots, "policy": cache_policy, "scheduling": cell.scheduling,
+    policy = GLOBAL_POLICY if cell.budget_mode == "global" else cache_policy
+    return {"enabled": True, "cache_slots": slots, "policy": policy, "scheduling": cell.scheduling,
             "miss_policy": cell.miss_policy}
 
 
