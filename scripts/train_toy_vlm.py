@@ -1457,7 +1457,7 @@ def main(argv=None) -> None:
     t.add_argument("--vision-batch", type=int, default=64)
     t.add_argument("--vision-lr", type=float, default=2e-3)
     t.add_argument("--vision-head", choices=["aligned", "meanmax"], default="aligned")
-    t.add_argument("--steps", type=int, default=3000)
+    t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--warmup", type=int, default=100)
@@ -1465,15 +1465,17 @@ def main(argv=None) -> None:
     t.add_argument(
         "--balance-yes-no",
         type=int,
-        default=1,
-        help="1: sample yes/no questions so each wording's answer is 50/50 (see yes_no_balancing_weights)",
+        default=0,
+        help="1: sample yes/no questions so each wording's answer is 50/50 (see yes_no_balancing_weights); the "
+        "bundled model was trained without (0): with the word probes the model learns the comparison anyway, and "
+        "balanced sampling left negated questions at chance for 500+ steps",
     )
     t.add_argument("--vision-lr-mult", type=float, default=0.2, help="vision tower lr / lr in stage 2; 0 freezes it")
     t.add_argument("--aux-weight", type=float, default=0.3, help="weight of the shape/colour loss in stage 2")
     t.add_argument(
         "--curriculum-frac",
         type=float,
-        default=0.4,
+        default=0.0,
         help="fraction of stage 2 over which negated yes/no questions are phased in (first half: none)",
     )
     t.add_argument("--probe-weight", type=float, default=0.5, help="weight of the word-probe losses (WordProbes)")
