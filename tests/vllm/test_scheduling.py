@@ -10,7 +10,9 @@ pytestmark = pytest.mark.vllm
 
 
 def test_fcfs_and_expertflow_scheduling_give_identical_fp32_outputs(tiny_models, tmp_path):
-    offload = {"enabled": True, "cache_slots": 4}
+    # 14 of 16 slots: the grouper holds requests back only when the chosen ones fit the slots, which
+    # with this random router's near-uniform routing happens at high capacity (at 4 slots no half fits).
+    offload = {"enabled": True, "cache_slots": 14}
     runs = [
         {"name": "fcfs", "offload": {**offload, "scheduling": "fcfs"}},
         {"name": "expertflow", "offload": {**offload, "scheduling": "expertflow", "max_skip_steps": 1}},

@@ -9,8 +9,10 @@ time: the counters never cross the engine's own message path, which has no field
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -181,6 +183,8 @@ def ensure_stats_dir() -> str:
     if not stats_dir:
         stats_dir = tempfile.mkdtemp(prefix="vllm-expertflow-stats-")
         os.environ[STATS_DIR_ENV] = stats_dir
+        # The front end outlives the engine processes it spawned: it removes what it created.
+        atexit.register(shutil.rmtree, stats_dir, ignore_errors=True)
     return stats_dir
 
 
