@@ -169,7 +169,7 @@ def test_select_touches_fewer_experts_than_fcfs_on_clustered_traffic():
     layers, experts, topics = 8, 64, 4
     topic_of = rng.integers(0, topics, 48)
     # The mechanics of grouping, also where the chosen union exceeds the slots.
-    config = GroupingConfig(capacity=16, max_skip_steps=2, min_fraction=0.5, hold_back_only_if_fits=False)
+    config = GroupingConfig(capacity=16, max_skip_steps=2, min_fraction=0.5, max_overflow_ratio=None)
     grouper = ExpertAwareGrouper(config)
     grouped, fcfs = [], []
     for step in range(200):
@@ -233,17 +233,20 @@ def test_cache_aware_selection_loads_less_per_token_than_fcfs_and_cache_blind():
     assert aware < blind, (aware, blind)
 
 
-def test_requests_are_held_back_only_when_the_chosen_ones_fit_the_slots():
-    # Two topics of 4 experts: with 4 slots a topic fits and the other waits; with 3 slots no
-    # selection fits, holding back would only split the reloads, so everyone runs.
+def test_requests_are_held_back_only_when_that_removes_most_of_the_excess_over_the_slots():
+    # Two topics of 4 experts: with 4 slots a topic fits and the other waits. With 2 slots a topic
+    # is 2 over (8 over all layers), everyone 6 over (24): holding back keeps a third of the excess,
+    # more than the default quarter, and would only split the reloads, so everyone runs.
     sigs = [signature(range(4 * (i % 2), 4 * (i % 2) + 4)) for i in range(8)]
     fits = ExpertAwareGrouper(GroupingConfig(capacity=4, max_skip_steps=2, min_fraction=0.5))
     assert len(fits.select(views(sigs), 0)) == 4
-    too_small = ExpertAwareGrouper(GroupingConfig(capacity=3, max_skip_steps=2, min_fraction=0.5))
+    too_small = ExpertAwareGrouper(GroupingConfig(capacity=2, max_skip_steps=2, min_fraction=0.5))
     assert len(too_small.select(views(sigs), 0)) == 8
-    legacy = ExpertAwareGrouper(
-        GroupingConfig(capacity=3, max_skip_steps=2, min_fraction=0.5, hold_back_only_if_fits=False)
-    )
+    lenient = ExpertAwareGrouper(GroupingConfig(capacity=2, max_skip_steps=2, min_fraction=0.5, max_overflow_ratio=0.5))
+    assert len(lenient.select(views(sigs), 0)) == 4
+    fits_only = ExpertAwareGrouper(GroupingConfig(capacity=3, max_skip_steps=2, min_fraction=0.5, max_overflow_ratio=0))
+    assert len(fits_only.select(views(sigs), 0)) == 8
+    legacy = ExpertAwareGrouper(GroupingConfig(capacity=3, max_skip_steps=2, min_fraction=0.5, max_overflow_ratio=None))
     assert len(legacy.select(views(sigs), 0)) == 4
 
 
@@ -336,7 +339,7 @@ def test_strictly_more_urgent_requests_are_never_left_out():
     rng = np.random.default_rng(4)
     sigs = [ExpertSignature.from_mask(rng.random((LAYERS, EXPERTS)) < 0.3) for _ in range(12)]
     priorities = [1, 0, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2]
-    config = GroupingConfig(capacity=4, max_skip_steps=2, min_fraction=0.25, hold_back_only_if_fits=False)
+    config = GroupingConfig(capacity=4, max_skip_steps=2, min_fraction=0.25, max_overflow_ratio=None)
     grouper = ExpertAwareGrouper(config)
     least_urgent_chosen = []
     for step in range(30):

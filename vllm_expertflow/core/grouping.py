@@ -309,10 +309,12 @@ class GroupingConfig:
     max_skip_steps: int = 2
     # At least ceil(min_fraction * running) requests run each step, whatever their experts.
     min_fraction: float = 0.5
-    # Hold requests back only when the chosen ones then fit the slots. A step over the slots in
-    # some layer runs in passes that reload experts anyway; splitting its requests over two
-    # steps then loads each shared expert twice, so everyone runs (as FCFS would).
-    hold_back_only_if_fits: bool = True
+    # Hold requests back only if the chosen ones' excess over the slots (distinct experts beyond
+    # ``capacity``, summed over layers) is at most this fraction of everyone's. Experts beyond the
+    # slots run in passes that reload experts anyway; splitting such a step over two steps then
+    # loads shared experts twice, so unless holding back removes most of the excess, everyone
+    # runs (as FCFS would). 0: only when the chosen ones fit; None: always hold back.
+    max_overflow_ratio: float | None = 0.25
 
     def __post_init__(self) -> None:
         if self.capacity is not None and (not isinstance(self.capacity, (int, np.integer)) or self.capacity < 1):
@@ -321,6 +323,8 @@ class GroupingConfig:
             raise ValueError(f"max_skip_steps must be an int >= 0, got {self.max_skip_steps!r}")
         if not 0.0 < self.min_fraction <= 1.0:
             raise ValueError(f"min_fraction must be in (0, 1], got {self.min_fraction!r}")
+        if self.max_overflow_ratio is not None and not 0.0 <= self.max_overflow_ratio <= 1.0:
+            raise ValueError(f"max_overflow_ratio must be in [0, 1] or None, got {self.max_overflow_ratio!r}")
 
 
 # Exact greedy (one request per pick, re-scored each time) costs ~n numpy passes; instead each
@@ -439,9 +443,14 @@ class ExpertAwareGrouper:
         pool = chosen.fill(minimum, pool)
         chosen.improve(pool)
         chosen.extend(cutoff)
-        if self.config.hold_back_only_if_fits and chosen.capacity is not None and not chosen.selected.all():
-            if (chosen.layer_union_sizes() > chosen.capacity).any():
-                chosen.add(np.flatnonzero(~chosen.selected))
+        ratio = self.config.max_overflow_ratio
+        if ratio is not None and chosen.capacity is not None and not chosen.selected.all():
+            excess = int(np.maximum(chosen.layer_union_sizes() - chosen.capacity, 0).sum())
+            if excess > 0:
+                everyone = np.bitwise_or.reduce(chosen.flat, axis=0)
+                excess_all = int(np.maximum(chosen.layer_sizes(everyone) - chosen.capacity, 0).sum())
+                if excess > ratio * excess_all:
+                    chosen.add(np.flatnonzero(~chosen.selected))
 
         picked = chosen.order
         keys = np.lexsort((np.arange(len(picked)), num_tokens[picked], ~forced[picked], priority[picked]))
@@ -547,7 +556,11 @@ class _GreedySelection:
 
     def layer_union_sizes(self) -> np.ndarray:
         """Distinct experts per layer of the selection, ``[L] int32``."""
-        return self._per_layer(self.union[None])[0]
+        return self.layer_sizes(self.union)
+
+    def layer_sizes(self, flat_union: np.ndarray) -> np.ndarray:
+        """Distinct experts per layer of a flat ``[L * W]`` union, ``[L] int32``."""
+        return self._per_layer(flat_union[None])[0]
 
     def _per_layer(self, flat_words: np.ndarray) -> np.ndarray:
         return _layer_counts(flat_words.reshape(len(flat_words), self.num_layers, self.num_words))
