@@ -22,7 +22,7 @@ import torch
 
 from vllm_expertflow.core.expert_store import ExpertStore
 from vllm_expertflow.core.simulate import ExpertFlowCache
-from vllm_expertflow.core.slot_cache import ExpertKernel, plan_passes
+from vllm_expertflow.core.slot_cache import ExpertKernel, plan_passes, run_in_passes
 from vllm_expertflow.core.slot_map import LayerCacheStats
 
 
@@ -265,23 +265,13 @@ class PooledLayerCache:
         capacity = self.max_pass_experts
         needed = np.unique(rows).tolist()
         if len(needed) <= capacity:
-            plan: list[tuple[np.ndarray | None, list[int]]] = [(None, needed)]
-        else:
-            plan = [(index, np.unique(rows[index]).tolist()) for index in plan_passes(rows, capacity)]
-        output = None
-        for pass_index, (index, experts) in enumerate(plan):
-            self.pool.admit(self.layer, experts, [later for _, later in plan[pass_index + 1 :]])
-            if index is None:
-                return expert_kernel(hidden_states, self.slots, topk_weights, self.pool.slot_ids(self.layer, topk_ids))
-            rows_index = torch.from_numpy(index).to(topk_ids.device)
-            pass_ids = topk_ids.index_select(0, rows_index)
-            pass_output = expert_kernel(
-                hidden_states.index_select(0, rows_index),
-                self.slots,
-                topk_weights.index_select(0, rows_index),
-                self.pool.slot_ids(self.layer, pass_ids),
-            )
-            if output is None:
-                output = pass_output.new_empty((hidden_states.shape[0], *pass_output.shape[1:]))
-            output.index_copy_(0, rows_index, pass_output)
-        return output
+            self.pool.admit(self.layer, needed)
+            return expert_kernel(hidden_states, self.slots, topk_weights, self.pool.slot_ids(self.layer, topk_ids))
+        passes = plan_passes(rows, capacity)
+        experts = [np.unique(rows[index]).tolist() for index in passes]
+
+        def run_pass(pass_index, hidden, weights, ids):
+            self.pool.admit(self.layer, experts[pass_index], experts[pass_index + 1 :])
+            return expert_kernel(hidden, self.slots, weights, self.pool.slot_ids(self.layer, ids))
+
+        return run_in_passes(hidden_states, topk_weights, topk_ids, passes, run_pass)

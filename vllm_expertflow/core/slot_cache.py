@@ -145,21 +145,12 @@ class ExpertSlotCache:
         needed = torch.unique(topk_ids).tolist()
         if len(needed) <= self.num_slots:
             return self._run_pass(hidden_states, topk_weights, topk_ids, needed, expert_kernel)
-        output = None
-        for rows in plan_passes(topk_ids.cpu().numpy(), self.num_slots):
-            index = torch.from_numpy(rows).to(topk_ids.device)
-            pass_ids = topk_ids.index_select(0, index)
-            pass_output = self._run_pass(
-                hidden_states.index_select(0, index),
-                topk_weights.index_select(0, index),
-                pass_ids,
-                torch.unique(pass_ids).tolist(),
-                expert_kernel,
-            )
-            if output is None:
-                output = pass_output.new_empty((hidden_states.shape[0], *pass_output.shape[1:]))
-            output.index_copy_(0, index, pass_output)
-        return output
+        passes = plan_passes(topk_ids.cpu().numpy(), self.num_slots)
+
+        def run_pass(_, hidden, weights, ids):
+            return self._run_pass(hidden, weights, ids, torch.unique(ids).tolist(), expert_kernel)
+
+        return run_in_passes(hidden_states, topk_weights, topk_ids, passes, run_pass)
 
     def run_lossy(
         self,
@@ -243,6 +234,29 @@ class ExpertSlotCache:
         self.map.stats.passes += 1
         self.ensure_resident(needed)
         return expert_kernel(hidden_states, self.slots, topk_weights, self.slot_ids(topk_ids))
+
+
+def run_in_passes(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    passes: Sequence[np.ndarray],
+    run_pass: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """Run ``run_pass(pass_index, hidden, weights, ids)`` on each pass's rows and scatter the results back."""
+    output = None
+    for pass_index, rows in enumerate(passes):
+        index = torch.from_numpy(rows).to(topk_ids.device)
+        pass_output = run_pass(
+            pass_index,
+            hidden_states.index_select(0, index),
+            topk_weights.index_select(0, index),
+            topk_ids.index_select(0, index),
+        )
+        if output is None:
+            output = pass_output.new_empty((hidden_states.shape[0], *pass_output.shape[1:]))
+        output.index_copy_(0, index, pass_output)
+    return output
 
 
 def plan_passes(topk_rows: np.ndarray, capacity: int) -> list[np.ndarray]:
