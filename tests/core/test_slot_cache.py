@@ -151,8 +151,8 @@ def test_skip_drops_missing_experts_and_rescales_weights():
     # token 0 keeps expert 0 with all of its weight; token 1 is complete
     torch.testing.assert_close(out[0], reference_moe(store, x[:1], torch.tensor([[1.0]]), torch.tensor([[0]]))[0])
     torch.testing.assert_close(out[1], reference_moe(store, x[1:2], weights[1:2], topk_ids[1:2])[0])
-    # token 2 had no resident expert: its top-1 (6) was loaded on demand and carries its weight
-    torch.testing.assert_close(out[2], reference_moe(store, x[2:], torch.tensor([[1.0]]), torch.tensor([[6]]))[0])
+    # token 2 had no resident expert: it waited for its experts and ran exactly
+    torch.testing.assert_close(out[2], reference_moe(store, x[2:], weights[2:], topk_ids[2:])[0])
 
 
 def test_substitute_uses_the_best_scored_resident_expert():
@@ -176,7 +176,7 @@ def test_lossy_step_loads_demanded_experts_for_later_and_rejects_unknown_policy(
     assert set(cache.map.resident()) == {4, 5}  # the most demanded experts, ready for the next step
 
 
-def test_lossy_step_runs_exactly_when_forced_loads_do_not_fit():
+def test_tokens_without_a_resident_expert_run_exactly():
     store = make_store()
     cache = ExpertSlotCache(store, 2, LRUPolicy())
     topk_ids = torch.tensor([[0, 1], [2, 3], [4, 5]])  # cold cache, three orphan tokens
@@ -185,3 +185,17 @@ def test_lossy_step_runs_exactly_when_forced_loads_do_not_fit():
     torch.testing.assert_close(out, reference_moe(store, x, w, topk_ids), rtol=0, atol=0)
     with pytest.raises(ValueError, match="valid: \\['skip', 'substitute'\\]"):
         cache.run_lossy(torch.randn(1, 4), torch.ones(1, 2), topk_ids[:1], slot_kernel, "drop")
+
+
+def test_covered_tokens_stay_lossy_when_orphans_need_more_than_the_slots():
+    # A large batch used to make the whole step exact; now only the tokens without a resident expert are.
+    store = make_store()
+    cache = ExpertSlotCache(store, 2, LRUPolicy())
+    cache.ensure_resident([0, 1])
+    topk_ids = torch.tensor([[0, 5], [2, 3], [4, 6]])
+    weights = torch.tensor([[0.6, 0.4], [0.5, 0.5], [0.7, 0.3]])
+    x = torch.randn(3, 4)
+    out = cache.run_lossy(x, weights, topk_ids, slot_kernel, "skip")
+    torch.testing.assert_close(out[0], reference_moe(store, x[:1], torch.tensor([[1.0]]), torch.tensor([[0]]))[0])
+    torch.testing.assert_close(out[1:], reference_moe(store, x[1:], weights[1:], topk_ids[1:]))
+    assert cache.stats.misses >= 1 + 4  # expert 5 dropped; 2, 3, 4, 6 loaded for the orphans

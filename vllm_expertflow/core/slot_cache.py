@@ -39,9 +39,7 @@ class ExpertSlotCache:
         self.map = SlotMap(store.num_experts, num_slots, policy, store.bytes_per_expert)
         self.num_slots = num_slots
         self.device = torch.device(device)
-        self.slots = [
-            torch.zeros((num_slots, *w.shape[1:]), dtype=w.dtype, device=self.device) for w in store.weights
-        ]
+        self.slots = [torch.zeros((num_slots, *w.shape[1:]), dtype=w.dtype, device=self.device) for w in store.weights]
         # expert id -> slot id (-1: not resident). Kept on the host and mirrored to the device
         # once per pass, so a pass costs one small copy rather than one per load.
         self._slot_table_host = torch.full((store.num_experts,), -1, dtype=torch.int32)
@@ -142,6 +140,9 @@ class ExpertSlotCache:
         topk_ids: [num_tokens, top_k] int, global expert ids.
         """
         self.map.stats.steps += 1
+        return self._run_exact(hidden_states, topk_weights, topk_ids, expert_kernel)
+
+    def _run_exact(self, hidden_states, topk_weights, topk_ids, expert_kernel) -> torch.Tensor:
         needed = torch.unique(topk_ids).tolist()
         if len(needed) <= self.num_slots:
             return self._run_pass(hidden_states, topk_weights, topk_ids, needed, expert_kernel)
@@ -168,32 +169,59 @@ class ExpertSlotCache:
         missing expert is replaced by the resident expert the router scored highest
         (``router_scores: [num_tokens, num_experts]``) among those the token does not use,
         with the original weight; with no candidate it is skipped.
-        A token none of whose experts is resident gets its top-1 expert loaded on demand,
-        so no token loses its whole expert output. After the step the step's most demanded
-        experts are loaded for the next steps (background loads: they count as loads, but
-        the step did not wait for them). If the forced loads alone exceed the slots (a cold
-        cache meeting a large prefill), the step runs exactly instead.
+        A token none of whose experts is resident waits for its experts and runs exactly
+        (dropping all of them would leave it no expert output at all); the other tokens run on
+        what the slots held when the step began. After the step the step's most demanded experts
+        are loaded for the next steps (background loads: they count as loads, but the step did
+        not wait for them), so the cache follows the demand it did not load for.
         """
         if miss_policy not in LOSSY_MISS_POLICIES:
             raise ValueError(f"unknown lossy miss policy {miss_policy!r}; valid: {list(LOSSY_MISS_POLICIES)}")
         if miss_policy == "substitute" and router_scores is None:
             raise ValueError("miss_policy 'substitute' needs router_scores [num_tokens, num_experts]")
-        table = self._slot_table_host.to(topk_ids.device)
-        resident = table[topk_ids.long()] >= 0  # [T, K]
-        used = set(torch.unique(topk_ids[resident]).tolist())
-        orphans = ~resident.any(dim=1)
-        forced: set[int] = set()
-        if bool(orphans.any()):
-            top1 = topk_ids.gather(1, topk_weights.argmax(dim=1, keepdim=True)).squeeze(1)
-            forced = set(torch.unique(top1[orphans]).tolist())
-        if len(used | forced) > self.num_slots:
-            return self.run(hidden_states, topk_weights, topk_ids, expert_kernel)
         self.map.stats.steps += 1
-        self.map.stats.passes += 1
-        self.ensure_resident(sorted(used | forced))
+        table = self._slot_table_host.to(topk_ids.device)
+        covered = (table[topk_ids.long()] >= 0).any(dim=1)  # tokens with at least one resident expert
+        groups = []
+        if bool(covered.any()):
+            groups.append(
+                (
+                    covered,
+                    lambda h, w, ids, scores: self._run_on_resident(h, w, ids, expert_kernel, miss_policy, scores),
+                )
+            )
+        if not bool(covered.all()):
+            # After the covered tokens: their kernel must read the slots as they were.
+            groups.append((~covered, lambda h, w, ids, scores: self._run_exact(h, w, ids, expert_kernel)))
+        output = None
+        for mask, run_group in groups:
+            if bool(mask.all()):
+                output = run_group(hidden_states, topk_weights, topk_ids, router_scores)
+                break
+            rows = torch.nonzero(mask).squeeze(1)
+            scores = router_scores.index_select(0, rows.to(router_scores.device)) if router_scores is not None else None
+            group_output = run_group(
+                hidden_states.index_select(0, rows),
+                topk_weights.index_select(0, rows),
+                topk_ids.index_select(0, rows),
+                scores,
+            )
+            if output is None:
+                output = group_output.new_empty((hidden_states.shape[0], *group_output.shape[1:]))
+            output.index_copy_(0, rows, group_output)
+        demand = torch.bincount(topk_ids.reshape(-1).long(), minlength=self.store.num_experts)
+        upcoming = torch.argsort(demand, descending=True, stable=True)[: self.num_slots]
+        self.ensure_resident([e for e in upcoming.tolist() if demand[e] > 0])
+        return output
+
+    def _run_on_resident(self, hidden_states, topk_weights, topk_ids, expert_kernel, miss_policy, router_scores):
+        """One pass over tokens that each have a resident expert, using resident experts only (lossy)."""
         table = self.slot_table_for(topk_ids.device)
         ids = topk_ids.long()
         available = table[ids] >= 0
+        self.map.stats.passes += 1
+        self.ensure_resident(sorted(set(torch.unique(ids[available]).tolist())))  # hits only: no loads
+        self.map.stats.misses += len(set(torch.unique(ids[~available]).tolist()))  # dropped, not loaded
         weights = topk_weights
         if miss_policy == "substitute" and not bool(available.all()):
             ids = ids.clone()
@@ -215,13 +243,9 @@ class ExpertSlotCache:
             kept = topk_weights * available
             scale = topk_weights.sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp_min(1e-20)
             weights = (kept * scale).to(topk_weights.dtype)
-        # A dropped entry points at slot 0 (loaded first, zero-initialised) with weight zero.
+        # A dropped entry points at slot 0 (zero-initialised or holding some expert) with weight zero.
         slot_ids = torch.where(available, table[ids], torch.zeros_like(table[ids]))
-        output = expert_kernel(hidden_states, self.slots, weights, slot_ids)
-        demand = torch.bincount(topk_ids.reshape(-1).long(), minlength=self.store.num_experts)
-        upcoming = torch.argsort(demand, descending=True, stable=True)[: self.num_slots]
-        self.ensure_resident([e for e in upcoming.tolist() if demand[e] > 0])
-        return output
+        return expert_kernel(hidden_states, self.slots, weights, slot_ids)
 
     def resident_experts(self) -> list[int]:
         """Expert ids in the slots now (the scheduler's cache-aware grouping reads them)."""
