@@ -109,7 +109,7 @@ def answer_section(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list
     if ef_exact:
         identical = [r for r in ef_exact if r["agree_all"] == 1.0]
         if len(identical) == len(ef_exact):
-            caps = ", ".join(cap(r["capacity_pct"]) for r in ef_exact)
+            caps = ", ".join(f"{r['budget_mode']} {cap(r['capacity_pct'])}" for r in ef_exact)
             out.append(f"- **Lossless (exact) miss policy: no accuracy effect.** In all "
                        f"{plural(len(ef_exact), 'cell')} with ExpertFlow scheduling and the exact miss policy, "
                        f"every answer was identical to the offload-off baseline (capacities {caps}).")
@@ -133,6 +133,13 @@ def answer_section(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list
         out.append(f"- **Lossy miss policies (skip/substitute):** ExpertFlow scheduling instead of FCFS at the same "
                    f"capacity and miss policy ({plural(len(lossy_pairs), 'pair')}) changed {' and '.join(parts)}, "
                    f"and the share of answers identical to offload-off by {span(agree)} points.")
+        same_steps = all(f["loads"] == e["loads"] and f["hits"] == e["hits"] for f, e in pairs())
+        if same_steps:
+            out.append("  In every pair the two schedulings made exactly the same expert loads and hits: the "
+                       "ExpertFlow grouper never found a group whose running alone would remove most of the step's "
+                       "experts beyond the slots (it holds requests back only then), so it composed the same steps as FCFS and cannot have changed accuracy "
+                       "on this model; see benchmarks/results/token_scheduling*.md for where grouping does change "
+                       "the steps.")
     elif lossy:
         out.append("- Lossy cells ran, but without an FCFS/ExpertFlow pair at the same capacity and policy.")
     else:
@@ -211,10 +218,10 @@ def answer_section(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list
     if lossy:
         out.append("How the lossy policies work (`vllm_expertflow/core/slot_cache.py`, `run_lossy`): a missing expert "
                    "is dropped (skip) or replaced by the best-scored resident one (substitute) instead of being "
-                   "loaded; a token none of whose experts is resident gets its top-1 expert loaded; and a step whose "
-                   "forced loads exceed the slots runs exactly. So a lossy cell can agree with offload-off wherever "
-                   "its steps fell back to exact, and scheduling that shrinks each step's expert set makes the lossy "
-                   "path run more often.")
+                   "loaded, for every token with at least one resident expert; a token with none waits for its "
+                   "experts and runs exactly; after each step the step's most demanded experts are loaded for the "
+                   "next. So accuracy depends on what the slots hold when a step begins, which the scheduling "
+                   "policy changes only through the steps it composes.")
         out.append("")
     all_pairs = pairs()
     if all_pairs:
