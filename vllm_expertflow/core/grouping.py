@@ -337,6 +337,8 @@ class GroupingConfig:
 _GROWTH = 8
 _SWAP_ROUNDS = 2
 _MAX_EXTEND_ROUNDS = 3
+# When holding requests back did not pay, the next search waits 1, 2, 4, ... up to this many steps.
+_MAX_BACKOFF_STEPS = 8
 
 
 class ExpertAwareGrouper:
@@ -366,6 +368,9 @@ class ExpertAwareGrouper:
         self._last_step: int | None = None
         # Union of the known signatures of the last selection: what the slots hold next.
         self.last_union: ExpertSignature | None = None
+        # Steps left in which everyone runs without a search, after holding back did not pay.
+        self._backoff_steps = 0
+        self._backoff_length = 0
 
     def skip_count(self, request_id: str) -> int:
         """Consecutive steps ``request_id`` has been left out (0 if unknown)."""
@@ -422,35 +427,39 @@ class ExpertAwareGrouper:
 
         chosen = _GreedySelection(words, priority, self.config.capacity, num_experts, free)
         forced = skips >= self.config.max_skip_steps
-        minimum = min(n, max(1, math.ceil(self.config.min_fraction * n - 1e-9)))
-        # Cutoff level: the least urgent priority that must run, for the minimum or for a forced
-        # request; rows are sorted by priority, so it is the minimum-th row's.
-        cutoff = int(priority[minimum - 1])
-        if forced.any():
-            cutoff = max(cutoff, int(priority[forced].max()))
-        mandatory = np.flatnonzero(forced | (priority < cutoff))
-        if len(mandatory) == 0:
-            # Seed: the longest-waiting request of the cutoff level; with the resident set known,
-            # the one that loads least (then longest-waiting), so a resident group keeps running.
-            mandatory = np.flatnonzero(priority == cutoff)
-            keys = (-skips[mandatory],) if free is None else (-skips[mandatory], chosen.new_experts(mandatory))
-            mandatory = mandatory[np.lexsort(keys)][:1]
-        else:  # longest-waiting first, so pick order (and the budget order) favours them
-            mandatory = mandatory[np.argsort(-skips[mandatory], kind="stable")]
-        chosen.add(mandatory)
-        chosen.num_fixed = len(mandatory)
-        pool = np.flatnonzero((priority == cutoff) & ~chosen.selected)
-        pool = chosen.fill(minimum, pool)
-        chosen.improve(pool)
-        chosen.extend(cutoff)
-        ratio = self.config.max_overflow_ratio
-        if ratio is not None and chosen.capacity is not None and not chosen.selected.all():
-            excess = int(np.maximum(chosen.layer_union_sizes() - chosen.capacity, 0).sum())
-            if excess > 0:
-                everyone = np.bitwise_or.reduce(chosen.flat, axis=0)
-                excess_all = int(np.maximum(chosen.layer_sizes(everyone) - chosen.capacity, 0).sum())
-                if excess > ratio * excess_all:
-                    chosen.add(np.flatnonzero(~chosen.selected))
+        if self._backoff_steps > 0:
+            # Grouping did not pay on the last tries: everyone runs, without the search.
+            self._backoff_steps -= 1
+            chosen.add(np.arange(n))
+        else:
+            minimum = min(n, max(1, math.ceil(self.config.min_fraction * n - 1e-9)))
+            # Cutoff level: the least urgent priority that must run, for the minimum or for a forced
+            # request; rows are sorted by priority, so it is the minimum-th row's.
+            cutoff = int(priority[minimum - 1])
+            if forced.any():
+                cutoff = max(cutoff, int(priority[forced].max()))
+            mandatory = np.flatnonzero(forced | (priority < cutoff))
+            if len(mandatory) == 0:
+                # Seed: the longest-waiting request of the cutoff level; with the resident set known,
+                # the one that loads least (then longest-waiting), so a resident group keeps running.
+                mandatory = np.flatnonzero(priority == cutoff)
+                keys = (-skips[mandatory],) if free is None else (-skips[mandatory], chosen.new_experts(mandatory))
+                mandatory = mandatory[np.lexsort(keys)][:1]
+            else:  # longest-waiting first, so pick order (and the budget order) favours them
+                mandatory = mandatory[np.argsort(-skips[mandatory], kind="stable")]
+            chosen.add(mandatory)
+            chosen.num_fixed = len(mandatory)
+            pool = np.flatnonzero((priority == cutoff) & ~chosen.selected)
+            pool = chosen.fill(minimum, pool)
+            chosen.improve(pool)
+            if self._holding_back_pays(chosen):
+                chosen.extend(cutoff)
+                self._backoff_length = 0
+            else:
+                chosen.add(np.flatnonzero(~chosen.selected))
+                # Try again after 1, 2, 4, ... steps: the same requests rarely start to fit at once.
+                self._backoff_length = min(max(1, 2 * self._backoff_length), _MAX_BACKOFF_STEPS)
+                self._backoff_steps = self._backoff_length
 
         picked = chosen.order
         keys = np.lexsort((np.arange(len(picked)), num_tokens[picked], ~forced[picked], priority[picked]))
@@ -461,6 +470,21 @@ class ExpertAwareGrouper:
         union = chosen.union.reshape(words.shape[1:])
         self.last_union = ExpertSignature(union, num_experts) if num_experts else None
         return result
+
+    def _holding_back_pays(self, chosen: _GreedySelection) -> bool:
+        """Whether the chosen requests' excess over the slots is small enough to leave the others out.
+
+        Checked before ``extend``, which adds only requests that fit and so never changes the excess.
+        """
+        ratio = self.config.max_overflow_ratio
+        if ratio is None or chosen.capacity is None or chosen.selected.all():
+            return True
+        excess = int(np.maximum(chosen.layer_union_sizes() - chosen.capacity, 0).sum())
+        if excess == 0:
+            return True
+        everyone = np.bitwise_or.reduce(chosen.flat, axis=0)
+        excess_all = int(np.maximum(chosen.layer_sizes(everyone) - chosen.capacity, 0).sum())
+        return excess <= ratio * excess_all
 
     def admission_order(
         self, waiting: Sequence[RequestView], current_union: ExpertSignature | np.ndarray | None
