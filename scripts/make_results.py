@@ -69,6 +69,16 @@ def ratio_span(values: Sequence[float]) -> str:
     return f"x{statistics.geometric_mean(values):.2f} (range x{min(values):.2f} .. x{max(values):.2f})"
 
 
+def _repo_relative(path: str | None) -> str | None:
+    """A path inside this repository as written from its root (the same on every machine)."""
+    if path is None:
+        return None
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
@@ -267,7 +277,7 @@ def render(rows: list[dict[str, Any]], manifest: dict[str, Any], plots: list[str
              "Research question: what does ExpertFlow's token scheduling policy do to downstream accuracy (VQAv2, "
              "MMBench) of MoE vision-language models across expert cache sizes and memory budgets?", "",
              "## Setup", "",
-             f"- Model: `{key.get('model')}` ({manifest.get('num_experts')} experts per MoE layer, top_k "
+             f"- Model: `{_repo_relative(key.get('model'))}` ({manifest.get('num_experts')} experts per MoE layer, top_k "
              f"{manifest.get('top_k')}), dtype {key.get('dtype')}, greedy decoding, at most "
              f"{key.get('max_tokens')} new tokens, stop {key.get('stop')}.",
              f"- Data: {manifest.get('data_source')}: VQAv2 `{Path(str(key.get('vqa'))).name}`, MMBench "
