@@ -71,13 +71,7 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
         start = time.perf_counter()
         llm = LLM(**engine_kwargs(model, offload, dtype=dtype, multimodal=with_images))
         init_s = time.perf_counter() - start
-        llm.generate(requests[:2], sampling, use_tqdm=False)  # warm-up, outside the timing
-        before = _stats_or_none(llm)
-        start = time.perf_counter()
-        outputs = llm.generate(requests, sampling, use_tqdm=False)
-        generate_s = time.perf_counter() - start
-        total = _stats_or_none(llm)
-        stats = _subtract(total, before) if total is not None and before is not None else None
+        outputs, generate_s, stats, total = measured_generate(llm, requests, sampling)
         if offload and offload.get("trace_dir"):
             vllm_expertflow.flush_expert_trace(llm)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
@@ -114,6 +108,22 @@ def _scheduling_stats(llm) -> dict[str, Any] | None:
         "grouping_ms_median": 1e3 * sorted(seconds)[len(seconds) // 2],
         "grouping_ms_max": 1e3 * max(seconds),
     }
+
+
+def measured_generate(llm, requests, sampling) -> tuple[list, float, dict[str, Any] | None, dict[str, Any] | None]:
+    """Warm up on two requests, then generate all of them timed.
+
+    Returns ``(outputs, generate_s, cache stats of the timed batch only, cache stats including the warm-up)``;
+    the stats are None without an expert cache.
+    """
+    llm.generate(requests[:2], sampling, use_tqdm=False)  # warm-up, outside the timing
+    before = _stats_or_none(llm)
+    start = time.perf_counter()
+    outputs = llm.generate(requests, sampling, use_tqdm=False)
+    generate_s = time.perf_counter() - start
+    total = _stats_or_none(llm)
+    stats = _subtract(total, before) if total is not None and before is not None else None
+    return outputs, generate_s, stats, total
 
 
 def _stats_or_none(llm) -> dict[str, Any] | None:

@@ -286,7 +286,7 @@ def build_requests(model: str, vqa_items: Sequence[vqav2.VQAItem], mmb_items: Se
 def run_engine(model: str, offload: dict[str, Any] | None, requests: list[dict[str, Any]], *,
                max_tokens: int, dtype: str, max_model_len: int, engine_args: dict[str, Any]) -> dict[str, Any]:
     """Start an engine, warm it up on two requests, generate for all; texts, token ids, stats, timings."""
-    from vllm_expertflow.generate import _scheduling_stats, _set_cpu_defaults, _stats_or_none, _subtract, engine_kwargs
+    from vllm_expertflow.generate import _scheduling_stats, _set_cpu_defaults, engine_kwargs, measured_generate
 
     _set_cpu_defaults()
     from vllm import LLM, SamplingParams
@@ -298,13 +298,7 @@ def run_engine(model: str, offload: dict[str, Any] | None, requests: list[dict[s
     llm = LLM(**kwargs)
     init_s = time.perf_counter() - start
     try:
-        llm.generate(requests[:2], sampling, use_tqdm=False)
-        before = _stats_or_none(llm)
-        start = time.perf_counter()
-        outputs = llm.generate(requests, sampling, use_tqdm=False)
-        generate_s = time.perf_counter() - start
-        after = _stats_or_none(llm)
-        stats = _subtract(after, before) if after is not None and before is not None else None
+        outputs, generate_s, stats, _ = measured_generate(llm, requests, sampling)
         scheduling = _scheduling_stats(llm)
     finally:
         del llm
