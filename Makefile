@@ -24,7 +24,7 @@ test: setup
 	$(PY) -m pytest -q
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not vllm"
+	$(PY) -m pytest -q -m "not vllm and not cuda"
 
 lint: setup
 	$(VENV)/bin/ruff check vllm_expertflow tests benchmarks scripts
