@@ -93,14 +93,15 @@ class RoutedStack:
         for layer in range(len(self.routers)):
             hidden = F.rms_norm(x, (x.shape[-1],))
             weights, ids = self.route(layer, hidden)
-            if caches is None:
-                x = x + grouped_swiglu(hidden, self.resident[layer], weights, ids)
-                continue
             if lookahead and layer + 1 < len(self.routers):
                 _, predicted = self.route(layer + 1, hidden)
                 counts = torch.bincount(predicted.reshape(-1), minlength=self.routers[0].shape[0]).cpu()
                 order = torch.argsort(counts, descending=True, stable=True)
                 experts = [e for e in order.tolist() if counts[e] > 0]
+            if caches is None:  # resident (+ the lookahead's own cost, predictions unused)
+                x = x + grouped_swiglu(hidden, self.resident[layer], weights, ids)
+                continue
+            if lookahead and layer + 1 < len(self.routers):
                 following = caches[layer + 1]
                 if isinstance(following, PooledLayerCache):
                     running = [(layer, e) for e in torch.unique(ids).tolist()]
@@ -171,7 +172,7 @@ def main() -> int:
     link_gbps = pinned_h2d_gbps(stack, device)
     bytes_per_expert = stack.stores[0].bytes_per_expert
     rows = []
-    settings = [(b, None, "resident") for b in batches] + [
+    settings = [(b, None, s) for b in batches for s in ("resident", "resident+lookahead")] + [
         (b, c, s) for b in batches for c in capacities for s in ("lru", "lru+lookahead", "pool+lookahead")
     ]
     references: dict[int, list[torch.Tensor]] = {}
@@ -198,14 +199,17 @@ def main() -> int:
             if index == args.warmup - 1 and caches is not None:
                 loads_before = sum(c.stats.loads for c in caches)
                 prefetch_before = sum(c.stats.prefetch_loads for c in caches)
+                prefetch_hits_before = sum(c.stats.prefetch_hits for c in caches)
         ms = statistics.median(times) * 1e3
         if caches is None:
-            references[batch] = outputs
+            references.setdefault(batch, outputs)
             row = dict(batch=batch, capacity="100% (resident)", setting=setting, ms_per_step=ms, loads_per_step=0.0,
-                       prefetch_loads_per_step=0.0, mb_per_step=0.0, copy_ms=0.0, hidden_share=None, max_rel_diff=0.0)
+                       prefetch_loads_per_step=0.0, prefetch_hit_rate=None, mb_per_step=0.0, copy_ms=0.0,
+                       hidden_share=None, max_rel_diff=0.0)
         else:
             loads = (sum(c.stats.loads for c in caches) - loads_before) / args.steps
             prefetched = (sum(c.stats.prefetch_loads for c in caches) - prefetch_before) / args.steps
+            prefetch_hits = (sum(c.stats.prefetch_hits for c in caches) - prefetch_hits_before) / args.steps
             copy_ms = loads * bytes_per_expert / (link_gbps * 1e9) * 1e3
             floor = next(r["ms_per_step"] for r in rows if r["batch"] == batch and r["setting"] == "resident")
             diff = max(
@@ -213,7 +217,8 @@ def main() -> int:
                 for o, r in zip(outputs, references[batch], strict=True)
             )
             row = dict(batch=batch, capacity=f"{fraction:.0%} ({slots} slots)", setting=setting, ms_per_step=ms,
-                       loads_per_step=loads, prefetch_loads_per_step=prefetched, mb_per_step=loads * bytes_per_expert / 1e6,
+                       loads_per_step=loads, prefetch_loads_per_step=prefetched,
+                       prefetch_hit_rate=prefetch_hits / prefetched if prefetched else None, mb_per_step=loads * bytes_per_expert / 1e6,
                        copy_ms=copy_ms, hidden_share=(1 - (ms - floor) / copy_ms) if copy_ms > 0 else None,
                        max_rel_diff=diff)
         rows.append(row)
@@ -229,15 +234,16 @@ def main() -> int:
     )
     lines = [
         header, "",
-        "| batch | capacity | setting | ms/step | ratio to resident | loads/step (prefetched) | MB/step | copy ms at link rate | copy time hidden | max rel diff vs resident |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| batch | capacity | setting | ms/step | ratio to resident | loads/step (prefetched) | prefetches used | MB/step | copy ms at link rate | copy time hidden | max rel diff vs resident |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         floor = next(x["ms_per_step"] for x in rows if x["batch"] == r["batch"] and x["setting"] == "resident")
         hidden = "-" if r["hidden_share"] is None else f"{r['hidden_share']:.0%}"
+        used = "-" if r["prefetch_hit_rate"] is None else f"{r['prefetch_hit_rate']:.0%}"
         lines.append(
             f"| {r['batch']} | {r['capacity']} | {r['setting']} | {r['ms_per_step']:.2f} | {r['ms_per_step'] / floor:.2f} | "
-            f"{r['loads_per_step']:.1f} ({r['prefetch_loads_per_step']:.1f}) | {r['mb_per_step']:.0f} | {r['copy_ms']:.2f} | "
+            f"{r['loads_per_step']:.1f} ({r['prefetch_loads_per_step']:.1f}) | {used} | {r['mb_per_step']:.0f} | {r['copy_ms']:.2f} | "
             f"{hidden} | {r['max_rel_diff']:.1e} |"
         )
     table = "\n".join(lines)

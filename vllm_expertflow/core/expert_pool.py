@@ -201,7 +201,7 @@ class ExpertPool:
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
         if self._table_stale:
-            self._table.copy_(self._table_host, non_blocking=True)
+            self._table.copy_(self._table_host.pin_memory(), non_blocking=True)  # see ExpertSlotCache
             self._table_stale = False
 
 

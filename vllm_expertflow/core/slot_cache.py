@@ -116,7 +116,10 @@ class ExpertSlotCache:
             torch.cuda.current_stream(self.device).wait_event(self._copies_done)
             self._copies_done = None
         if self._table_stale:
-            self._slot_table.copy_(self._slot_table_host, non_blocking=True)
+            # A pinned snapshot, so the copy is asynchronous; from a pageable tensor it would block
+            # the host until the compute stream, copies included, caught up. The host allocator
+            # keeps the snapshot until its copy is done.
+            self._slot_table.copy_(self._slot_table_host.pin_memory(), non_blocking=True)
             self._table_stale = False
 
     def slot_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
