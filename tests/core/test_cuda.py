@@ -105,6 +105,9 @@ def test_prefetch_waits_for_queued_kernels_that_read_the_slots_it_overwrites(cud
     cache = ExpertSlotCache(ExpertStore(weights, pin_memory=True), 2, LRUPolicy(), cuda)
     ids = torch.tensor([[0, 1], [1, 0]])
     x, w = torch.randn(2, HIDDEN), torch.rand(2, 2)
+    # Once through first: a kernel's first launch loads its module, which waits for the device
+    # and would close the window this test needs.
+    cache.run(x.to(cuda), w.to(cuda), ids.to(cuda), swiglu_kernel)
     out = cache.run(x.to(cuda), w.to(cuda), ids.to(cuda), _slow_kernel)  # queued, not yet run
     assert cache.prefetch([2, 3]) == 2  # evicts 0 and 1 while their reader sleeps
     assert_close_to_reference(out, dense_reference(weights, x, w, ids))
@@ -116,6 +119,7 @@ def test_pool_prefetch_waits_for_queued_kernels_that_read_the_slots_it_overwrite
     layers = [pool.add_layer(layer, store) for layer, store in enumerate(stores)]
     ids = torch.tensor([[0, 1], [1, 2]])
     x, w = torch.randn(2, HIDDEN), torch.rand(2, 2)
+    swiglu_kernel(x.to(cuda), [t.to(cuda) for t in stores[0].weights], w.to(cuda), ids.int().to(cuda))  # see above
     pool.begin_step()
     out = layers[0].run(x.to(cuda), w.to(cuda), ids.to(cuda), _slow_kernel)  # queued, not yet run
     # Unprotected, layer 1's prefetch fills the 3 free slots and takes one of layer 0's while it is read.
