@@ -22,5 +22,5 @@ print("mutation (no wait_stream):", "CAUGHT by the tests" if rc != 0 else "NOT C
 PY
 
 echo "== benchmarks"
-timeout 180 $python benchmarks/gpu_expert_transfer.py --out "$out/gpu_expert_transfer.json" 2>&1 | tee "$out/gpu_expert_transfer.log"
-timeout 300 $python benchmarks/gpu_offload_step.py --out "$out/gpu_offload_step" 2>&1 | tee "$out/gpu_offload_step.log"
+[ -n "${SKIP_TRANSFER:-}" ] || timeout 180 $python benchmarks/gpu_expert_transfer.py --out "$out/gpu_expert_transfer.json" 2>&1 | tee "$out/gpu_expert_transfer.log"
+timeout 300 $python benchmarks/gpu_offload_step.py --out "$out/gpu_offload_step" ${OFFLOAD_STEP_ARGS:-} 2>&1 | tee "$out/gpu_offload_step.log"
