@@ -445,6 +445,7 @@ class ExpertFlowCache:
         self.prefetch_threshold = prefetch_threshold
         self.stats = [PrefetchLayerStats() for _ in range(num_layers)]
         self._resident: list[set[int]] = [set() for _ in range(num_layers)]
+        self._is_resident = np.zeros((num_layers, num_experts), dtype=bool)  # the sets as a mask, for _victim
         self._demand = np.zeros((num_layers, num_experts))  # this step's predicted P(needed)
         self._decay = 2.0 ** (-1.0 / half_life)
         # Use rate: decayed uses per key over decayed passes per layer, both as of the layer's pass clock.
@@ -594,31 +595,58 @@ class ExpertFlowCache:
         return ahead + num_layers / p
 
     def _victim(self, layer: int, protected: set[tuple[int, int]], soon: Mapping[int, int]) -> tuple[int, int] | None:
+        """The resident key to evict: farthest expected next use (``_next_use``), then least recently used.
+
+        Across layers it is vectorised: the live pool asks this once per load, over hundreds of residents.
+        """
         if self.budget_mode == "per-layer" or len(self._resident[layer]) >= self.layer_slots:
-            owners = [layer]
-        else:
-            # A layer may evict its own keys below the floor, never another layer's.
-            owners = [o for o in range(self.num_layers) if o == layer or len(self._resident[o]) > self.min_per_layer]
-        best: tuple[float, int, int, int] | None = None
-        for owner in owners:
-            owner_soon = soon if owner == layer else {}
-            for expert in self._resident[owner]:
-                if (owner, expert) in protected:
-                    continue
-                # Farthest expected next use first; on ties the least recently used.
-                rank = (-self._next_use(owner, expert, owner_soon), int(self._last_use[owner, expert]), owner, expert)
-                if best is None or rank < best:
-                    best = rank
-        return None if best is None else (best[2], best[3])
+            # One layer's few residents: a plain loop is cheaper than numpy's per-call overhead.
+            best: tuple[float, int, int] | None = None
+            for expert in self._resident[layer]:
+                if (layer, expert) not in protected:
+                    rank = (-self._next_use(layer, expert, soon), int(self._last_use[layer, expert]), expert)
+                    if best is None or rank < best:
+                        best = rank
+            return None if best is None else (layer, best[2])
+        candidates = self._is_resident.copy()
+        # A layer may evict its own keys below the floor, never another layer's.
+        at_floor = np.array([len(r) <= self.min_per_layer for r in self._resident])
+        at_floor[layer] = False
+        candidates[at_floor] = False
+        for owner, expert in protected:
+            candidates[owner, expert] = False
+        owners, experts = np.nonzero(candidates)
+        if owners.size == 0:
+            return None
+        next_use = self._next_use_of(owners, experts)
+        if soon:
+            for index in np.flatnonzero((owners == layer) & np.isin(experts, list(soon))):
+                next_use[index] = soon[int(experts[index])] * 1e-6
+        # Farthest expected next use first; on ties the least recently used, then the lowest key.
+        first = np.lexsort((experts, owners, self._last_use[owners, experts], -next_use))[0]
+        return int(owners[first]), int(experts[first])
+
+    def _next_use_of(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
+        """``_next_use`` of many keys at once (without ``soon``), with the same arithmetic."""
+        passes = self._passes[layers]
+        uses = self._uses[layers, experts]
+        rate = np.divide(uses, passes, out=np.zeros_like(uses), where=passes != 0)
+        demand = self._demand[layers, experts]
+        weight = self.demand_weight
+        p = np.minimum(np.maximum(weight * demand + (1.0 - weight) * rate, 1e-3), 1.0)
+        ahead = (layers - self._current_layer).astype(np.float64)
+        return np.where(ahead > 0, ahead + (1.0 - demand) * self.num_layers / p, ahead + self.num_layers / p)
 
     def _load(self, layer: int, expert: int) -> None:
         self._resident[layer].add(expert)
+        self._is_resident[layer, expert] = True
         self.stats[layer].loads += 1
         self.stats[layer].bytes_loaded += self.bytes_per_expert
 
     def _evict(self, key: tuple[int, int]) -> None:
         layer, expert = key
         self._resident[layer].discard(expert)
+        self._is_resident[layer, expert] = False
         self._unused_prefetch.discard(key)
         self.stats[layer].evictions += 1
 
