@@ -116,6 +116,25 @@ def test_later_passes_of_the_step_are_kept():
     assert cache.resident(0) == {0, 1, 3}
 
 
+def test_prefetch_never_evicts_a_key_the_step_is_likely_to_need():
+    # Two layers share 4 slots (floor 1 each). Layer 1 holds 0, 1, 2 from the last step.
+    cache = ExpertFlowCache(6, 2, 2, budget_mode="global", min_per_layer=1, prefetch=True)
+    cache.begin_step(np.zeros((2, 6)))
+    cache.admit(0, [5])
+    cache.admit(1, [0, 1, 2])
+    demand = np.zeros((2, 6))
+    demand[0, 4] = 0.95  # layer 0 will surely need expert 4: prefetch it
+    demand[1, [0, 1, 2]] = [0.5, 0.3, 0.05]  # which layer-1 expert may it displace?
+    assert cache.begin_step(demand) == [(0, 4)]
+    # Only the one the step is unlikely to need (0.05 <= 1 - 0.9) was evicted ...
+    assert cache.resident(1) == {0, 1}
+    demand[0, 3] = 0.95
+    demand[0, 5] = 0.5
+    # ... and with none left below that, the next prefetch is not made.
+    assert cache.begin_step(demand) == []
+    assert cache.resident(1) == {0, 1}
+
+
 def test_bad_options_name_the_valid_ones():
     trace = make_trace(7, num_steps=3)
     with pytest.raises(ValueError, match=r"unknown expertflow option\(s\) \['alpha'\]; valid options are \['prefetch'"):

@@ -22,9 +22,10 @@ in global mode, moves slots across layers (PLEC). Each step it:
    (from earlier steps only) and turns them into the probability that the step needs each
    (layer, expert): ``1 - prod_tokens(1 - p)``;
 2. prefetches the keys at or above ``prefetch_threshold`` that are not resident, into
-   free slots or in place of a resident key whose next use is expected later, never in
-   place of another predicted key, and only in layers whose expected demand (the sum of
-   the probabilities) fits one pass;
+   free slots or in place of a resident key whose next use is expected later and which the
+   step is unlikely to need (predicted demand at most ``1 - prefetch_threshold`` where its
+   layer has not run yet), never in place of another predicted key, and only in layers whose
+   expected demand (the sum of the probabilities) fits one pass;
 3. replays the step layer by layer as the other policies do; a needed expert that is not
    resident is a demand miss and loads at once.
 
@@ -520,6 +521,10 @@ class ExpertFlowCache:
                 victim = self._victim(layer, protected, {})
                 if victim is None or self._next_use(*victim, {}) <= self._next_use(layer, expert, {}):
                     continue
+                if self._may_need_this_step(*victim):
+                    # Evicting it costs a load with that probability, while the prefetch itself
+                    # saves none (the key would load on demand anyway, with a better-informed victim).
+                    continue
                 self._evict(victim)
             self._load(layer, expert)
             self.stats[layer].prefetch_loads += 1
@@ -569,6 +574,10 @@ class ExpertFlowCache:
         self._uses[layer, needed] += 1.0
         self._last_use[layer, needed] = self._tick
         return loaded
+
+    def _may_need_this_step(self, layer: int, expert: int) -> bool:
+        """Whether a layer still to run this step needs the key with probability above ``1 - prefetch_threshold``."""
+        return layer > self._current_layer and self._demand[layer, expert] > 1.0 - self.prefetch_threshold
 
     def _has_room(self, layer: int) -> bool:
         if len(self._resident[layer]) >= self.layer_slots:
