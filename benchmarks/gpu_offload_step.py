@@ -90,25 +90,33 @@ class RoutedStack:
         return weights / weights.sum(dim=-1, keepdim=True), ids
 
     def step(self, x: torch.Tensor, caches=None, lookahead: bool = False) -> torch.Tensor:
+        """One decode step through every layer. As the plugin's MoE layer does, a layer reads its
+        routing (and the lookahead's prediction with it) back to the host once."""
+        num_experts = self.routers[0].shape[0]
         for layer in range(len(self.routers)):
             hidden = F.rms_norm(x, (x.shape[-1],))
             weights, ids = self.route(layer, hidden)
+            experts = None
             if lookahead and layer + 1 < len(self.routers):
                 _, predicted = self.route(layer + 1, hidden)
-                counts = torch.bincount(predicted.reshape(-1), minlength=self.routers[0].shape[0]).cpu()
+                both = torch.cat([ids.reshape(-1), predicted.reshape(-1)]).cpu()
+                host_ids = both[: ids.numel()].view(ids.shape)
+                counts = torch.bincount(both[ids.numel() :], minlength=num_experts)
                 order = torch.argsort(counts, descending=True, stable=True)
                 experts = [e for e in order.tolist() if counts[e] > 0]
+            elif caches is not None:
+                host_ids = ids.cpu()
             if caches is None:  # resident (+ the lookahead's own cost, predictions unused)
                 x = x + grouped_swiglu(hidden, self.resident[layer], weights, ids)
                 continue
-            if lookahead and layer + 1 < len(self.routers):
+            if experts is not None:
                 following = caches[layer + 1]
                 if isinstance(following, PooledLayerCache):
-                    running = [(layer, e) for e in torch.unique(ids).tolist()]
+                    running = [(layer, e) for e in torch.unique(host_ids).tolist()]
                     following.prefetch(experts, protected=running, demand=(counts > 0).double().numpy())
                 else:
                     following.prefetch(experts)
-            x = x + caches[layer].run(hidden, weights, ids, grouped_swiglu)
+            x = x + caches[layer].run(hidden, weights, ids, grouped_swiglu, host_topk_ids=host_ids.numpy())
         return x
 
 

@@ -254,6 +254,7 @@ class PooledLayerCache:
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
         expert_kernel: ExpertKernel,
+        host_topk_ids: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Run the layer's experts losslessly on the pool, in passes as ``ExpertSlotCache.run``.
 
@@ -261,7 +262,7 @@ class PooledLayerCache:
         the step's later passes, as the simulator's replay does.
         """
         self.stats.steps += 1
-        rows = topk_ids.cpu().numpy()
+        rows = topk_ids.cpu().numpy() if host_topk_ids is None else host_topk_ids
         capacity = self.max_pass_experts
         needed = np.unique(rows).tolist()
         if len(needed) <= capacity:

@@ -136,23 +136,29 @@ class ExpertSlotCache:
         topk_weights: torch.Tensor,
         topk_ids: torch.Tensor,
         expert_kernel: ExpertKernel,
+        host_topk_ids: np.ndarray | None = None,
     ) -> torch.Tensor:
         """Run the layer's experts losslessly on the slot buffers.
 
         hidden_states: [num_tokens, hidden]; topk_weights: [num_tokens, top_k] float;
-        topk_ids: [num_tokens, top_k] int, global expert ids.
+        topk_ids: [num_tokens, top_k] int, global expert ids. ``host_topk_ids``: the same
+        ids already on the host, when the caller read them back anyway (each read-back waits
+        for the device).
         """
         self.map.stats.steps += 1
-        return self._run_exact(hidden_states, topk_weights, topk_ids, expert_kernel)
+        return self._run_exact(hidden_states, topk_weights, topk_ids, expert_kernel, host_topk_ids)
 
-    def _run_exact(self, hidden_states, topk_weights, topk_ids, expert_kernel) -> torch.Tensor:
-        needed = torch.unique(topk_ids).tolist()
+    def _run_exact(self, hidden_states, topk_weights, topk_ids, expert_kernel, host_topk_ids=None) -> torch.Tensor:
+        rows = topk_ids.cpu().numpy() if host_topk_ids is None else host_topk_ids
+        needed = np.unique(rows).tolist()
         if len(needed) <= self.num_slots:
             return self._run_pass(hidden_states, topk_weights, topk_ids, needed, expert_kernel)
-        passes = plan_passes(topk_ids.cpu().numpy(), self.num_slots)
+        passes = plan_passes(rows, self.num_slots)
 
-        def run_pass(_, hidden, weights, ids):
-            return self._run_pass(hidden, weights, ids, torch.unique(ids).tolist(), expert_kernel)
+        experts = [np.unique(rows[index]).tolist() for index in passes]
+
+        def run_pass(pass_index, hidden, weights, ids):
+            return self._run_pass(hidden, weights, ids, experts[pass_index], expert_kernel)
 
         return run_in_passes(hidden_states, topk_weights, topk_ids, passes, run_pass)
 

@@ -135,11 +135,18 @@ class OffloadedRoutedExperts(RoutedExperts):
         cache = self.expert_cache
         if cache is None:
             return super().forward_modular(x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+        # The step's routing reaches the host once per layer (each read-back waits for the
+        # device): the recorder, the lookahead's prediction and the cache all use this copy.
+        predicted = self._lookahead_picks(x)
+        if predicted is None:
+            host_ids = topk_ids.to("cpu", torch.int32)
+        else:
+            both = torch.cat([topk_ids.reshape(-1).int(), predicted.reshape(-1).int()]).cpu()
+            host_ids = both[: topk_ids.numel()].view(topk_ids.shape)
+            self._lookahead_prefetch(both[topk_ids.numel() :].view(predicted.shape), host_ids)
         recorder = self._group.recorder
         if recorder is not None:
-            recorder.record(self.layer_name, topk_ids)
-        if self._group.lookahead is not None:
-            self._lookahead_prefetch(x, topk_ids)
+            recorder.record(self.layer_name, host_ids)
         # Shared experts run once over the whole input; only the first pass takes them.
         pending_shared = [shared_experts, shared_experts_input]
 
@@ -159,31 +166,39 @@ class OffloadedRoutedExperts(RoutedExperts):
         if self.offload.miss_policy != "exact":
             return cache.run_lossy(x, topk_weights, topk_ids, run_kernel, self.offload.miss_policy,
                                    router_scores=getattr(self, "last_router_logits", None))
-        return cache.run(x, topk_weights, topk_ids, run_kernel)
+        return cache.run(x, topk_weights, topk_ids, run_kernel, host_topk_ids=host_ids.numpy())
 
-    def _lookahead_prefetch(self, x: torch.Tensor, topk_ids: torch.Tensor) -> None:
-        """Prefetch the next MoE layer's experts as its router would pick them on this layer's input.
+    def _lookahead_picks(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The next MoE layer's experts as its router would pick them on this layer's input (on the device).
+
+        None when lookahead prefetch is off or there is no next offloaded layer.
+        """
+        group = self._group
+        following = self._layer_index + 1
+        if group.lookahead is None or following >= group.num_layers:
+            return None
+        if group.caches.get(group.layer_names[following]) is None:
+            return None
+        rows = group.step_tokens if group.step_tokens is not None else x.shape[0]  # drop padding rows
+        if rows == 0:
+            return None
+        return group.lookahead.predict(x[:rows], self._layer_index, 1)[:, 0, :]  # [T, top_k]
+
+    def _lookahead_prefetch(self, picks: torch.Tensor, host_ids: torch.Tensor) -> None:
+        """Prefetch the next MoE layer's predicted experts (``picks``, on the host), most wanted first.
 
         Issued before this layer's kernel so that, on CUDA, the copies overlap it; the next
         layer waits for them only when it runs.
         """
         group = self._group
-        following = self._layer_index + 1
-        if following >= group.num_layers:
-            return
-        next_cache = group.caches.get(group.layer_names[following])
-        if next_cache is None:
-            return
-        rows = group.step_tokens if group.step_tokens is not None else x.shape[0]  # drop padding rows
-        if rows == 0:
-            return
-        picks = group.lookahead.predict(x[:rows], self._layer_index, 1)[:, 0, :]  # [T, top_k]
-        counts = torch.bincount(picks.reshape(-1).long(), minlength=group.lookahead.num_experts).cpu()
+        next_cache = group.caches[group.layer_names[self._layer_index + 1]]
+        counts = torch.bincount(picks.reshape(-1).long(), minlength=group.lookahead.num_experts)
         # Most tokens first: if not all fit, the experts most of the step needs are the ones loaded.
         order = torch.argsort(counts, descending=True, stable=True)
         experts = [e for e in order.tolist() if counts[e] > 0]
         if isinstance(next_cache, PooledLayerCache):
-            running = [(self._layer_index, e) for e in torch.unique(topk_ids[:rows]).tolist()]
+            rows = picks.shape[0]
+            running = [(self._layer_index, e) for e in torch.unique(host_ids[:rows]).tolist()]
             demand = (counts > 0).numpy().astype(np.float64)
             next_cache.prefetch(experts, protected=running, demand=demand)
         else:
