@@ -99,6 +99,22 @@ def test_step_needing_more_experts_than_slots_is_split_and_exact(policy):
     assert cache.stats.passes == 4  # tokens 0 and 4 use the same experts and share a pass
 
 
+def test_ids_already_on_the_host_are_used_as_given():
+    # The MoE layer passes the routing it read back once; the cache must plan from it, not re-read.
+    store = make_store()
+    topk_ids = torch.tensor([[0, 1], [2, 3], [4, 5], [1, 0]])
+    x, w = torch.randn(4, 4), torch.rand(4, 2)
+    plain, given = ExpertSlotCache(store, 2, LRUPolicy()), ExpertSlotCache(store, 2, LRUPolicy())
+    expected = plain.run(x, w, topk_ids, slot_kernel)
+    out = given.run(x, w, topk_ids, slot_kernel, host_topk_ids=topk_ids.numpy().copy())
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert given.stats.as_dict() == plain.stats.as_dict()
+    # Planning follows the host ids: ids that disagree with the device tensor leave an expert unloaded.
+    wrong = ExpertSlotCache(store, 2, LRUPolicy())
+    with pytest.raises(AssertionError, match="non-resident"):
+        wrong.run(x, w, topk_ids, slot_kernel, host_topk_ids=np.zeros_like(topk_ids.numpy()))
+
+
 def test_plan_passes_covers_every_token_once_within_capacity():
     rows = np.array([[0, 1], [2, 3], [1, 0], [3, 2], [4, 5], [0, 1]])
     passes = plan_passes(rows, 2)
