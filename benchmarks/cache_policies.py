@@ -57,6 +57,7 @@ from vllm_expertflow.core.predictors import (  # noqa: E402
     HistoryPredictor,
     RoutingPathPredictor,
     evaluate_predictor,
+    multi_hot,
     split_requests,
 )
 from vllm_expertflow.core.simulate import simulate  # noqa: E402
@@ -80,6 +81,7 @@ COLORS = {
     "expertflow": "tab:blue",
     "expertflow (history)": "tab:cyan",
     "expertflow (no prefetch)": "tab:green",
+    "expertflow (oracle step)": "tab:gray",
 }
 # (row label, policy, budget mode, predictor key, policy kwargs); predictor keys index the forecasts.
 RUNS: tuple[tuple[str, str, str, str | None, dict[str, Any]], ...] = (
@@ -91,11 +93,13 @@ RUNS: tuple[tuple[str, str, str, str | None, dict[str, Any]], ...] = (
     ("expertflow", "expertflow", "per-layer", "learned", {}),
     ("expertflow (history)", "expertflow", "per-layer", "history", {}),
     ("expertflow (no prefetch)", "expertflow", "per-layer", "learned", {"prefetch": False}),
+    ("expertflow (oracle step)", "expertflow", "per-layer", "oracle", {}),
     ("belady", "belady", "global", None, {}),
     ("lru", "lru", "global", None, {}),
     ("expertflow", "expertflow", "global", "learned", {}),
     ("expertflow (history)", "expertflow", "global", "history", {}),
     ("expertflow (no prefetch)", "expertflow", "global", "learned", {"prefetch": False}),
+    ("expertflow (oracle step)", "expertflow", "global", "oracle", {}),
 )
 
 
@@ -176,6 +180,12 @@ def replay(
         workload = held_out if batch is None else rebatch(held_out, batch)
         label = "all" if batch is None else str(batch)
         forecasts = {key: DemandForecast.of(p, workload) for key, p in predictors.items()}
+        # Not a predictor: each step's own needs, known exactly before it runs. The best any
+        # one-step forecast can give expertflow; Belady also knows every later step.
+        forecasts["oracle"] = DemandForecast(
+            "oracle", np.stack([multi_hot(step, workload.num_experts).max(axis=0) for step in workload.iter_steps()])
+            .astype(np.float64)
+        )
         for key, predictor in predictors.items():
             accuracy.append(
                 {
@@ -299,11 +309,14 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
         "also against per-layer Belady (same memory, the demand-only per-layer optimum).",
         f"2. expertflow loads <= {LRU_CUT}x lru's wherever lru (same mode) is above {LRU_BAD}x Belady's.",
         "",
-        "Ratios are expertflow's (learned predictor, prefetch); the no-prefetch ablation's are given for comparison.",
+        "Ratios are expertflow's (learned predictor, prefetch); the no-prefetch ablation's are given for comparison, "
+        "and those of `expertflow (oracle step)`, fed each step's exact needs before it runs: what a perfect "
+        "one-step routing predictor would give this policy.",
         "",
         "| trace | batch | mode | 25%: / Belady | 50%: / Belady | global vs per-layer Belady 25% / 50% | "
-        "no prefetch 25% / 50% | target 1 | lru > 1.3x at | worst expertflow / lru there | target 2 |",
-        "|---|---|---|---:|---:|---:|---:|---|---|---:|---|",
+        "no prefetch 25% / 50% | oracle step 25% / 50% | target 1 | lru > 1.3x at | worst expertflow / lru there | "
+        "target 2 |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|---|---:|---|",
     ]
     for (trace, batch), group in _groups(rows):
         for mode in ("per-layer", "global"):
@@ -315,6 +328,9 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             ablation = " / ".join(
                 f"{_find(group, 'expertflow (no prefetch)', mode, r['capacity'])['ratio']:.3f}" for r in ratios
             )
+            oracle = " / ".join(
+                f"{_find(group, 'expertflow (oracle step)', mode, r['capacity'])['ratio']:.3f}" for r in ratios
+            )
             cross = " / ".join(f"{r['ratio_per_layer_belady']:.3f}" for r in ratios) if mode == "global" else "-"
             bad = [r for r in group if r["policy"] == "lru" and r["mode"] == mode and r["ratio"] > LRU_BAD]
             worst = max(
@@ -323,7 +339,7 @@ def targets(rows: list[dict[str, Any]]) -> list[str]:
             met2 = "n/a" if worst is None else ("met" if worst <= LRU_CUT else "missed")
             lines.append(
                 f"| {trace} | {batch} | {mode} | {ratios[0]['ratio']:.3f} | {ratios[1]['ratio']:.3f} | {cross} | "
-                f"{ablation} | "
+                f"{ablation} | {oracle} | "
                 f"{'met' if met1 else 'missed'} | {', '.join(str(r['capacity']) for r in bad) or '-'} | "
                 f"{'-' if worst is None else f'{worst:.3f}'} | {met2} |"
             )
