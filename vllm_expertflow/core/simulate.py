@@ -504,15 +504,20 @@ class ExpertFlowCache:
         For a forecast made inside the step (lookahead: the next layer's router on the
         current hidden state). ``demand: [E]`` replaces the layer's predicted demand for the
         rest of the step, so eviction ranks by the fresher forecast. A prefetch takes a slot
-        only from a key expected to be needed later than the prefetched one (as
-        :meth:`begin_step`) and never from ``protected`` keys (a running layer's experts).
+        only from a key expected to be needed later than the prefetched one and never from
+        ``protected`` keys (a running layer's experts); unlike :meth:`begin_step` it may take
+        one a later layer is likely to need this step.
         """
         if demand is not None:
             self._demand[layer] = np.asarray(demand, dtype=np.float64)
         keys = [(layer, int(e)) for e in dict.fromkeys(int(e) for e in experts)][: self.max_pass_experts(layer)]
-        return self._prefetch_keys(keys, set(keys) | set(protected))
+        # The keys are for the layer that runs next, so unlike a step-ahead prefetch this one may
+        # displace a key a later layer is likely to need: it trades that risk for a stall now.
+        return self._prefetch_keys(keys, set(keys) | set(protected), keep_likely=False)
 
-    def _prefetch_keys(self, keys: Sequence[tuple[int, int]], protected: set[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _prefetch_keys(
+        self, keys: Sequence[tuple[int, int]], protected: set[tuple[int, int]], *, keep_likely: bool = True
+    ) -> list[tuple[int, int]]:
         fetched = []
         for layer, expert in keys:
             if expert in self._resident[layer]:
@@ -521,7 +526,7 @@ class ExpertFlowCache:
                 victim = self._victim(layer, protected, {})
                 if victim is None or self._next_use(*victim, {}) <= self._next_use(layer, expert, {}):
                     continue
-                if self._may_need_this_step(*victim):
+                if keep_likely and self._may_need_this_step(*victim):
                     # Evicting it costs a load with that probability, while the prefetch itself
                     # saves none (the key would load on demand anyway, with a better-informed victim).
                     continue
