@@ -21,6 +21,7 @@ with ``W = ceil(num_experts / 64)``; expert ``e`` of a layer is bit ``e % 64`` o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import operator
@@ -60,7 +61,8 @@ def _layer_counts(words: np.ndarray) -> np.ndarray:
 
 def _total_counts(words: np.ndarray) -> np.ndarray:
     """Experts set over all layers: ``[k, L, W] or [k, L * W] uint64 -> [k] int64``."""
-    return _popcount(words.reshape(len(words), -1)).sum(axis=1, dtype=np.int64)
+    # An int32 sum of the per-word counts costs half an int64 one; no row holds 2**31 bits.
+    return _popcount(words.reshape(len(words), -1)).sum(axis=1, dtype=np.int32).astype(np.int64)
 
 
 class ExpertSignature:
@@ -174,7 +176,7 @@ def _as_words(signature: ExpertSignature | np.ndarray) -> ExpertSignature:
 
 
 def _stack_words(signatures: Sequence[ExpertSignature | np.ndarray] | np.ndarray) -> tuple[np.ndarray, int]:
-    """Signatures as ``[n, L, W] uint64`` plus ``num_experts``; all must share one shape."""
+    """Signatures as ``[n, L, W] uint64`` (read-only) plus ``num_experts``; all must share one shape."""
     if isinstance(signatures, np.ndarray):
         if signatures.dtype != np.bool_ or signatures.ndim not in (2, 3):
             raise ValueError(
@@ -190,17 +192,20 @@ def _stack_words(signatures: Sequence[ExpertSignature | np.ndarray] | np.ndarray
         words = [s.words for s in signatures]
     if not words:
         return np.zeros((0, 1, 1), dtype=np.uint64), 1
-    shapes = {w.shape for w in words}
+    # ExpertSignature fixes W by num_experts, so equal experts and layer counts mean equal shapes.
+    layers = set(map(len, words))
     experts = {s.num_experts for s in signatures}  # type: ignore[union-attr]
-    if len(shapes) > 1 or len(experts) > 1:
-        layers = sorted({shape[0] for shape in shapes})
+    if len(layers) > 1 or len(experts) > 1:
         raise ValueError(
-            f"signatures must all cover the same moe_layers and num_experts, got layers {layers}, "
+            f"signatures must all cover the same moe_layers and num_experts, got layers {sorted(layers)}, "
             f"experts {sorted(experts)}"
         )
-    num_layers, num_experts = words[0].shape[0], experts.pop()
-    # One concatenate costs a fraction of np.stack over hundreds of small arrays.
-    return np.concatenate(words).reshape(len(words), num_layers, -1), num_experts
+    num_layers, num_words = words[0].shape
+    try:  # joining the raw buffers costs half a concatenate of hundreds of small arrays
+        stacked = np.frombuffer(b"".join(words), dtype=np.uint64)
+    except (BufferError, TypeError):  # a signature whose words are a strided view
+        stacked = np.concatenate(words)
+    return stacked.reshape(len(words), num_layers, num_words), experts.pop()
 
 
 def _balanced_halves(preference: np.ndarray) -> np.ndarray:
@@ -337,6 +342,9 @@ class GroupingConfig:
 _GROWTH = 8
 _SWAP_ROUNDS = 2
 _MAX_EXTEND_ROUNDS = 3
+# Search scores run on the bytes where some request loads an expert when those are at most this
+# fraction of all; past it, gathering them costs about what the narrower rows save.
+_MAX_LOAD_BYTES_FRACTION = 0.5
 # When holding requests back did not pay, the next search waits 1, 2, 4, ... up to this many steps.
 _MAX_BACKOFF_STEPS = 8
 
@@ -371,6 +379,8 @@ class ExpertAwareGrouper:
         # Steps left in which everyone runs without a search, after holding back did not pay.
         self._backoff_steps = 0
         self._backoff_length = 0
+        # Whether the last select searched for a group (False while backing off): searching steps cost more.
+        self.last_searched = False
 
     def skip_count(self, request_id: str) -> int:
         """Consecutive steps ``request_id`` has been left out (0 if unknown)."""
@@ -397,7 +407,7 @@ class ExpertAwareGrouper:
             raise ValueError(f"step must increase between select calls: got {step} after {self._last_step}")
         n = len(running)
         if n == 0:
-            self._last_step, self.last_union = step, None
+            self._last_step, self.last_union, self.last_searched = step, None, False
             return []
         # One pass over the views (per-request Python work dominates the cost at this size),
         # then everything works in rank order: priority, arrival, id. Row i has rank i, so ties
@@ -408,11 +418,11 @@ class ExpertAwareGrouper:
         if len(set(ids)) != n:
             dupes = sorted({i for i in ids if ids.count(i) > 1})
             raise ValueError(f"request ids must be unique among running requests, repeated: {dupes}")
+        if min(tokens) < 1:
+            bad = next(i for i, t in enumerate(tokens) if t < 1)
+            raise ValueError(f"num_tokens must be >= 1, got {tokens[bad]} for request {ids[bad]!r}")
         priority = np.array(priorities, dtype=np.int64)
         num_tokens = np.array(tokens, dtype=np.int64)
-        if (num_tokens < 1).any():
-            bad = int(np.argmax(num_tokens < 1))
-            raise ValueError(f"num_tokens must be >= 1, got {num_tokens[bad]} for request {ids[bad]!r}")
         skips = np.array(list(map(self._skips.get, ids, itertools.repeat(0, n))), dtype=np.int64)
         words, num_experts = self._stack(signatures)
         free = None
@@ -427,7 +437,8 @@ class ExpertAwareGrouper:
 
         chosen = _GreedySelection(words, priority, self.config.capacity, num_experts, free)
         forced = skips >= self.config.max_skip_steps
-        if self._backoff_steps > 0:
+        self.last_searched = self._backoff_steps == 0
+        if not self.last_searched:
             # Grouping did not pay on the last tries: everyone runs, without the search.
             self._backoff_steps -= 1
             chosen.add(np.arange(n))
@@ -463,7 +474,7 @@ class ExpertAwareGrouper:
 
         picked = chosen.order
         keys = np.lexsort((np.arange(len(picked)), num_tokens[picked], ~forced[picked], priority[picked]))
-        result = [ids[i] for i in picked[keys]]
+        result = [ids[i] for i in picked[keys].tolist()]  # Python ints index a tuple fastest
         new_skips = np.where(chosen.selected, 0, skips + 1)
         self._skips.update(zip(ids, new_skips.tolist(), strict=True))
         self._last_step = step  # only now: a call rejected for bad input may be retried
@@ -482,8 +493,7 @@ class ExpertAwareGrouper:
         excess = int(np.maximum(chosen.layer_union_sizes() - chosen.capacity, 0).sum())
         if excess == 0:
             return True
-        everyone = np.bitwise_or.reduce(chosen.flat, axis=0)
-        excess_all = int(np.maximum(chosen.layer_sizes(everyone) - chosen.capacity, 0).sum())
+        excess_all = int(np.maximum(chosen.layer_sizes(chosen.everyone) - chosen.capacity, 0).sum())
         return excess <= ratio * excess_all
 
     def admission_order(
@@ -570,32 +580,74 @@ class _GreedySelection:
         self.union = np.zeros(self.flat.shape[1], dtype=np.uint64)
         # Experts already in the slots: using them loads nothing (all zeros: cache-blind).
         self.free = np.zeros_like(self.union) if free is None else free.astype(np.uint64)
+        self._load_bytes: np.ndarray | None = None  # load's layout: the flat bytes it keeps, or all
+
+    @functools.cached_property
+    def everyone(self) -> np.ndarray:
+        """Union of all rows, flat ``[L * W]``."""
+        return np.bitwise_or.reduce(self.flat, axis=0)
+
+    @functools.cached_property
+    def load(self) -> np.ndarray:
+        """What each row would load into an empty step (its experts outside the slots): ``[n, C] uint64``.
+
+        Every search score is a popcount of loads, which does not care where the bits sit, so
+        when few bytes (of the flat uint8 view) hold any row's loads, this keeps only those,
+        padded to whole words with bytes no row loads (``_compact``): with the resident set
+        known, a fifth of the ``L * W`` words at 256 requests. Only a search needs it, so a step
+        without one does not pay for it.
+        """
+        loaded = self.everyone & ~self.free
+        loaded_bytes = loaded.view(np.uint8) != 0
+        cols = np.flatnonzero(loaded_bytes)
+        if len(cols) > _MAX_LOAD_BYTES_FRACTION * len(loaded_bytes):
+            return self.flat & loaded
+        # The flat width is whole words, so there are enough unloaded bytes to pad with.
+        self._load_bytes = np.concatenate([cols, np.flatnonzero(~loaded_bytes)[: -len(cols) % 8]])
+        load = self._compact(self.flat)
+        load &= self._compact(loaded)  # also clears the padding bytes
+        return load
+
+    def _compact(self, flat_words: np.ndarray) -> np.ndarray:
+        """``[..., L * W] uint64`` in ``load``'s layout, ``[..., C] uint64`` (a copy when compacted).
+
+        Call it only after ``load``, which picks the layout.
+        """
+        cols = self._load_bytes
+        if cols is None:
+            return flat_words
+        # take, not [..., cols]: that gathers into a column-major array, which cannot be viewed as words.
+        return np.take(flat_words.view(np.uint8), cols, axis=-1).view(np.uint64)
 
     def add(self, rows: np.ndarray) -> None:
+        """Add ``rows``, none of them selected yet."""
         if len(rows) == 0:
             return
         self.selected[rows] = True
         self.order = np.concatenate([self.order, rows])
-        self.union |= np.bitwise_or.reduce(self.flat[rows], axis=0)
+        if len(self.order) == len(self.flat):  # everyone now: no gather
+            self.union = self.everyone.copy()
+        else:
+            self.union |= np.bitwise_or.reduce(self.flat[rows], axis=0)
 
     def layer_union_sizes(self) -> np.ndarray:
         """Distinct experts per layer of the selection, ``[L] int32``."""
         return self.layer_sizes(self.union)
 
-    def layer_sizes(self, flat_union: np.ndarray) -> np.ndarray:
-        """Distinct experts per layer of a flat ``[L * W]`` union, ``[L] int32``."""
-        return self._per_layer(flat_union[None])[0]
-
-    def _per_layer(self, flat_words: np.ndarray) -> np.ndarray:
-        return _layer_counts(flat_words.reshape(len(flat_words), self.num_layers, self.num_words))
+    def layer_sizes(self, flat_unions: np.ndarray) -> np.ndarray:
+        """Distinct experts per layer of flat unions: ``[..., L * W] -> [..., L] int32``."""
+        return _layer_counts(flat_unions.reshape(*flat_unions.shape[:-1], self.num_layers, self.num_words))
 
     def new_experts(self, rows: np.ndarray) -> np.ndarray:
         """Experts each row would make the step load: outside the union and the resident set."""
-        return _total_counts(self.flat[rows] & ~(self.union | self.free))
+        words = self.load[rows]
+        if len(self.order):  # else the union is empty
+            words &= ~self._compact(self.union)
+        return _total_counts(words)
 
     def _cheapest_first(self, rows: np.ndarray, new_experts: np.ndarray) -> np.ndarray:
         """Order of ``rows``: fewest new experts, then lowest row (rank); the keys are unique."""
-        return np.argsort(new_experts * len(self.flat) + rows)
+        return (new_experts * len(self.flat) + rows).argsort()
 
     def fill(self, minimum: int, pool: np.ndarray) -> np.ndarray:
         """Add rows of ``pool`` (one priority level) until ``minimum`` run, cheapest first, slots ignored.
@@ -603,13 +655,21 @@ class _GreedySelection:
         Returns what is left of the pool. The cutoff level always holds enough requests:
         select() chose it that way.
         """
-        while len(self.order) < minimum:
-            new_experts = self.new_experts(pool)
+        count = len(self.order)
+        if count >= minimum:
+            return pool
+        # Rounds score against the union in load's layout; the selection itself grows once at the end.
+        load_union = np.bitwise_or.reduce(self.load[self.order], axis=0)
+        picked = []
+        while count < minimum:
+            new_experts = _total_counts(self.load[pool] & ~load_union)
             order = self._cheapest_first(pool, new_experts)
-            free = int(np.count_nonzero(new_experts == 0))
-            take = min(minimum - len(self.order), max(1, (_GROWTH - 1) * len(self.order), free))
-            self.add(pool[order[:take]])
+            take = min(minimum - count, max(1, (_GROWTH - 1) * count, int(np.count_nonzero(new_experts == 0))))
+            picked.append(pool[order[:take]])
+            load_union |= np.bitwise_or.reduce(self.load[picked[-1]], axis=0)
             pool = pool[order[take:]]
+            count += take
+        self.add(np.concatenate(picked))
         return pool
 
     def improve(self, pool: np.ndarray) -> None:
@@ -621,17 +681,20 @@ class _GreedySelection:
         request takes the pick position of the one it replaces.
         """
         n, fixed = len(self.flat), self.num_fixed
+        if len(self.order) == fixed or len(pool) == 0:
+            return
         pool = pool.copy()
-        # Objective: experts the step loads (union outside the resident set).
-        union_size = int(_total_counts((self.union & ~self.free)[None])[0])
+        # All in load's layout: only loads count. A chosen request's own experts are its loads no other
+        # chosen one has; the objective is the experts the step loads (the chosen ones' load union).
+        chosen_loads = self.load[self.order]
+        movable = len(self.order) - fixed
+        swapped = False
         for _ in range(_SWAP_ROUNDS):
-            if len(self.order) == fixed or len(pool) == 0:
-                break
-            chosen_words = self.flat[self.order]
-            before = np.bitwise_or.accumulate(chosen_words, axis=0)
-            shared = np.bitwise_or.reduce(chosen_words[1:] & before[:-1], axis=0)  # used by >= 2 chosen
-            own = _total_counts(chosen_words[fixed:] & ~(shared | self.free))
-            cost = self.new_experts(pool)
+            before = np.bitwise_or.accumulate(chosen_loads, axis=0)  # before[-1]: the load union
+            shared = np.bitwise_or.reduce(chosen_loads[1:] & before[:-1], axis=0)  # used by >= 2 chosen
+            # One popcount for both: the movable chosen rows' own experts, the pool's new ones (cost).
+            counts = _total_counts(np.concatenate([chosen_loads[fixed:] & ~shared, self.load[pool] & ~before[-1]]))
+            own, cost = counts[:movable], counts[movable:]
             # Most own experts first; among equals the least urgent / latest (highest row) leaves first.
             leave = np.argsort(own * n + self.order[fixed:])[::-1]
             join = self._cheapest_first(pool, cost)
@@ -640,17 +703,20 @@ class _GreedySelection:
             swaps = int(np.count_nonzero(own[leave[:pairs]] > cost[join[:pairs]]))
             if swaps == 0:
                 break
+            union_size = int(_popcount(before[-1]).sum())
             leaving, joining = fixed + leave[:swaps], join[:swaps]
             trial = self.order.copy()
             trial[leaving] = pool[joining]
-            union = np.bitwise_or.reduce(self.flat[trial], axis=0)
-            trial_size = int(_total_counts((union & ~self.free)[None])[0])
+            chosen_loads[leaving] = self.load[trial[leaving]]  # kept only if the trial is
+            trial_size = int(_popcount(np.bitwise_or.reduce(chosen_loads, axis=0)).sum())
             if trial_size >= union_size:
                 break  # the pairwise estimate ignored overlaps and was wrong: keep what we have
             pool[joining] = self.order[leaving]
-            self.order, self.union, union_size = trial, union, trial_size
-        self.selected[:] = False
-        self.selected[self.order] = True
+            self.order, swapped = trial, True
+        if swapped:
+            self.union = np.bitwise_or.reduce(self.flat[self.order], axis=0)
+            self.selected[:] = False
+            self.selected[self.order] = True
 
     def extend(self, cutoff: int) -> None:
         """Past the minimum, add requests while the union fits the slots, one priority level at a time.
@@ -669,7 +735,7 @@ class _GreedySelection:
                 if rounds == _MAX_EXTEND_ROUNDS:
                     return
                 rounds += 1
-                used = self._per_layer(self.union[None])[0]
+                used = self.layer_union_sizes()
                 if (used >= self.capacity).all():
                     # Full everywhere (the usual case): only requests that add no expert fit.
                     # Resident experts do not count here: a layer past its slots runs another pass.
@@ -679,7 +745,7 @@ class _GreedySelection:
                         return
                     break
                 limit = np.maximum(used, self.capacity)  # [L]
-                grown = self._per_layer(self.flat[rows] | self.union)  # [k, L]
+                grown = self.layer_sizes(self.flat[rows] | self.union)  # [k, L]
                 fits = (grown <= limit).all(axis=1)
                 if not fits.any():
                     return
@@ -687,7 +753,7 @@ class _GreedySelection:
                 candidates = candidates[self._cheapest_first(candidates, self.new_experts(candidates))]
                 # Longest prefix, cheapest first, whose joint union still fits.
                 joint = np.bitwise_or.accumulate(self.flat[candidates], axis=0) | self.union
-                joint_fits = (self._per_layer(joint) <= limit).all(axis=1)
+                joint_fits = (self.layer_sizes(joint) <= limit).all(axis=1)
                 take = len(candidates) if joint_fits.all() else int(np.argmin(joint_fits))
                 # Next round re-scores what is left against the grown union.
                 self.add(candidates[:take])
