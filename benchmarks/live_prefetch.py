@@ -138,7 +138,9 @@ def main() -> int:
         f" ({num_experts} experts per layer, {args.num_prompts} prompts x {args.max_tokens} tokens, {args.dtype}, "
         f"offload off: {reference['generated_tokens'] / reference['generate_s']:.1f} tok/s). Demand loads are the "
         f"loads a layer waits for (misses); prefetch hit rate: prefetched experts needed before eviction. The "
-        f"predictor was trained on a trace of other prompts. CPU run: tok/s includes every copy as a memcpy.\n\n"
+        f"predictor was trained on a trace of other prompts. CPU run: tok/s includes every copy as a memcpy; "
+        f"1-minute load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the CPU count, "
+        f"other work shared them and tok/s says little; the load counts are deterministic).\n\n"
         f"{table}\n"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
