@@ -7,6 +7,12 @@ a fused-expert layout mix-up would still load silently.
 
 Router weights are scaled up and skewed per expert so routing is decisive and not
 uniform, as in trained models; a cache study on uniform routing would say little.
+
+``qwen3_moe_topics`` is a synthetic stand-in for what makes expert-aware grouping pay in
+trained models, whose experts specialise by domain: the vocabulary is split into
+``TOPIC_COUNT`` topics and each topic owns ``num_experts / TOPIC_COUNT`` experts per layer,
+so a request written in one topic routes mostly inside its topic's experts (see
+``_plant_topics``). Its weights are planted, not trained: it says nothing about accuracy.
 """
 
 from __future__ import annotations
@@ -33,7 +39,15 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense")
+MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics")
+
+# The topic model: the vocabulary in TOPIC_COUNT contiguous topics of about 18 words each.
+TOPIC_COUNT = 8
+_VOCAB_WORDS = tuple(dict.fromkeys(WORDS))
+TOPIC_WORDS = tuple(
+    _VOCAB_WORDS[t * len(_VOCAB_WORDS) // TOPIC_COUNT : (t + 1) * len(_VOCAB_WORDS) // TOPIC_COUNT]
+    for t in range(TOPIC_COUNT)
+)
 
 
 def build_tokenizer(extra_special_tokens: list[str] | None = None):
@@ -88,6 +102,12 @@ def _config(shape: str, vocab_size: int):
         )
     if shape == "dense":
         return Qwen3Config(**common, head_dim=32, intermediate_size=256)
+    if shape == "qwen3_moe_topics":
+        # Many small experts (Qwen3-30B-A3B routes 8 of 128; this routes 4 of 64), TOPIC_COUNT topics of 8.
+        return Qwen3MoeConfig(
+            **common, head_dim=32, intermediate_size=256, moe_intermediate_size=96, num_experts=64,
+            num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        )
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
 
 
@@ -102,6 +122,68 @@ def _skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
                 param.mul_(popularity[:, None] / param.shape[1] ** 0.5 * 3.0)
 
 
+# Topic planting (qwen3_moe_topics), in units where a word's embedding has norm sqrt(hidden)
+# (RMS 1, which outweighs what attention and the small, randomly initialised experts add to the
+# residual stream, so every layer's router sees mostly the token itself):
+# - a topic word's embedding is unit noise plus TOPIC_EMBED_WEIGHT times its topic's direction
+#   (the topic directions are orthonormal), rescaled;
+# - a router row is unit noise plus TOPIC_ROUTER_WEIGHT times its expert's topic direction, so a
+#   word's logit for its own topic's experts is raised by about TOPIC_ROUTER_WEIGHT * sqrt(hidden)
+#   * cos(word, topic) over noise of standard deviation ~1: the noise decides which of the topic's
+#   experts a word picks and lets a few picks leave the topic;
+# - lm_head rows lean towards their word's topic the same way (TOPIC_LM_HEAD_WEIGHT), so greedy
+#   decoding stays in the prompt's topic and decode steps route like the prompt; minus
+#   TOPIC_LM_HEAD_SELF times the word's own embedding direction, so it does not repeat one word.
+TOPIC_EMBED_WEIGHT = 1.5
+TOPIC_ROUTER_WEIGHT = 0.3
+TOPIC_LM_HEAD_WEIGHT = 1.0
+TOPIC_LM_HEAD_SELF = 0.5  # a word's own row leans away from its embedding: greedy decoding does not repeat it
+TOPIC_ROUTER_SCALE = 2.0  # sharpens the softmax over the chosen experts; top-k does not depend on it
+
+
+def topic_experts(num_experts: int, num_layers: int, *, seed: int = 0) -> torch.Tensor:
+    """The experts each topic owns in each layer: ``[num_layers, TOPIC_COUNT, num_experts // TOPIC_COUNT]``.
+
+    A seeded permutation per layer, so a topic's expert ids differ between layers.
+    """
+    if num_experts % TOPIC_COUNT:
+        raise ValueError(f"num_experts={num_experts} must be a multiple of TOPIC_COUNT={TOPIC_COUNT}")
+    generator = torch.Generator().manual_seed(seed + 1)
+    perms = torch.stack([torch.randperm(num_experts, generator=generator) for _ in range(num_layers)])
+    return perms.reshape(num_layers, TOPIC_COUNT, num_experts // TOPIC_COUNT)
+
+
+def _leaning_rows(topics: torch.Tensor, directions: torch.Tensor, weight: float, generator: torch.Generator):
+    """``[len(topics), H]``: unit noise rows plus ``weight`` times their topic's direction (-1: no topic)."""
+    rows = torch.randn(len(topics), directions.shape[1], generator=generator)
+    rows = rows / rows.norm(dim=-1, keepdim=True)
+    known = topics >= 0
+    rows[known] += weight * directions[topics[known]]
+    return rows
+
+
+def _plant_topics(model: torch.nn.Module, tokenizer, generator: torch.Generator, seed: int) -> None:
+    config = model.config
+    hidden, num_experts = config.hidden_size, config.num_experts
+    directions = torch.linalg.qr(torch.randn(hidden, TOPIC_COUNT, generator=generator))[0].T  # [T, H] orthonormal
+    vocab = tokenizer.get_vocab()
+    topic_of_token = torch.full((config.vocab_size,), -1, dtype=torch.long)  # special tokens: no topic
+    for topic, words in enumerate(TOPIC_WORDS):
+        topic_of_token[[vocab[w] for w in words]] = topic
+    owners = topic_experts(num_experts, config.num_hidden_layers, seed=seed)
+    with torch.no_grad():
+        embed = _leaning_rows(topic_of_token, directions, TOPIC_EMBED_WEIGHT, generator)
+        model.model.embed_tokens.weight.copy_(embed / embed.norm(dim=-1, keepdim=True) * hidden**0.5)
+        lm_head = _leaning_rows(topic_of_token, directions, TOPIC_LM_HEAD_WEIGHT, generator)
+        model.lm_head.weight.copy_(lm_head - TOPIC_LM_HEAD_SELF * embed / embed.norm(dim=-1, keepdim=True))
+        for layer, decoder in enumerate(model.model.layers):
+            topic_of_expert = torch.empty(num_experts, dtype=torch.long)
+            for topic in range(TOPIC_COUNT):
+                topic_of_expert[owners[layer, topic]] = topic
+            rows = _leaning_rows(topic_of_expert, directions, TOPIC_ROUTER_WEIGHT, generator)
+            decoder.mlp.gate.weight.copy_(rows * TOPIC_ROUTER_SCALE)
+
+
 def build_tiny_moe(shape: str, out_dir: str | os.PathLike, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a random tiny MoE checkpoint with tokenizer to ``out_dir`` (skipped if present)."""
     from transformers import AutoModelForCausalLM
@@ -109,6 +191,9 @@ def build_tiny_moe(shape: str, out_dir: str | os.PathLike, *, seed: int = 0, dty
     out = Path(out_dir)
     marker = out / "expertflow-tiny.json"
     recipe = {"shape": shape, "seed": seed, "dtype": str(dtype), "version": 1}
+    if shape == "qwen3_moe_topics":  # a changed planting must not reuse an old build
+        recipe["planting"] = [TOPIC_COUNT, TOPIC_EMBED_WEIGHT, TOPIC_ROUTER_WEIGHT, TOPIC_LM_HEAD_WEIGHT,
+                              TOPIC_LM_HEAD_SELF, TOPIC_ROUTER_SCALE]
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         return out
     tokenizer = build_tokenizer()
@@ -116,7 +201,10 @@ def build_tiny_moe(shape: str, out_dir: str | os.PathLike, *, seed: int = 0, dty
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _skew_routers(model, generator)
+    if shape == "qwen3_moe_topics":
+        _plant_topics(model, tokenizer, generator, seed)
+    else:
+        _skew_routers(model, generator)
     model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
@@ -133,6 +221,32 @@ def sample_prompts(count: int, *, seed: int = 0, min_words: int = 3, max_words: 
         length = int(torch.randint(min_words, max_words + 1, (1,), generator=generator))
         ids = torch.randint(0, len(WORDS), (length,), generator=generator).tolist()
         prompts.append(" ".join(WORDS[i] for i in ids))
+    return prompts
+
+
+def sample_topic_prompts(
+    count: int, topics: int = TOPIC_COUNT, *, seed: int = 0, on_topic: float = 0.9, min_words: int = 4,
+    max_words: int = 30,
+) -> list[tuple[int, str]]:
+    """Deterministic ``(topic, prompt)`` pairs for ``qwen3_moe_topics``, topics drawn uniformly.
+
+    Each prompt's words come from its topic (one of the first ``topics``) with probability
+    ``on_topic``, otherwise from the whole vocabulary.
+    """
+    if not 1 <= topics <= TOPIC_COUNT:
+        raise ValueError(f"topics must be in 1..{TOPIC_COUNT}, got {topics}")
+    if not 0.0 <= on_topic <= 1.0:
+        raise ValueError(f"on_topic must be in [0, 1], got {on_topic}")
+    generator = torch.Generator().manual_seed(seed)
+    prompts = []
+    for _ in range(count):
+        topic = int(torch.randint(0, topics, (1,), generator=generator))
+        length = int(torch.randint(min_words, max_words + 1, (1,), generator=generator))
+        words = []
+        for _ in range(length):
+            pool = TOPIC_WORDS[topic] if float(torch.rand(1, generator=generator)) < on_topic else _VOCAB_WORDS
+            words.append(pool[int(torch.randint(0, len(pool), (1,), generator=generator))])
+        prompts.append((topic, " ".join(words)))
     return prompts
 
 
