@@ -86,3 +86,14 @@ def test_prefetch_modes_and_predictor_path_go_together():
 def test_lossy_miss_policies_are_refused_with_expertflow_and_prefetch(raw):
     with pytest.raises(ExpertOffloadConfigError, match="miss_policy='skip'"):
         parse(enabled=True, cache_slots=4, miss_policy="skip", **raw)
+
+
+def test_scheduling_knobs_are_checked_and_reach_the_grouper_settings():
+    config = ExpertOffloadConfig.from_additional_config(
+        {"expert_offload": {"enabled": True, "cache_slots": 4, "min_run_fraction": "0.25", "max_overflow_ratio": "none"}}
+    )
+    assert (config.min_run_fraction, config.max_overflow_ratio) == (0.25, None)
+    with pytest.raises(ExpertOffloadConfigError, match=r"min_run_fraction must be in \(0, 1\], got 0\.0"):
+        ExpertOffloadConfig.from_additional_config({"expert_offload": {"min_run_fraction": 0}})
+    with pytest.raises(ExpertOffloadConfigError, match=r"max_overflow_ratio must be in \[0, 1\] or null.*got 2\.0"):
+        ExpertOffloadConfig.from_additional_config({"expert_offload": {"max_overflow_ratio": 2}})

@@ -49,6 +49,10 @@ class ExpertOffloadConfig:
     scheduling: str = "expertflow"  # step composition: expert-aware grouping or vLLM's own FCFS
     miss_policy: str = "exact"  # lossy "skip"/"substitute" only for the accuracy study
     max_skip_steps: int = 2  # fairness: a running request sits out at most this many consecutive steps
+    min_run_fraction: float = 0.5  # throughput: at least this share of the running requests runs every step
+    # Hold requests back only if the chosen ones' excess over the slots is at most this share of
+    # everyone's (None: whenever the chosen ones load less); see GroupingConfig.max_overflow_ratio.
+    max_overflow_ratio: float | None = 0.25
     prefetch: str = "none"  # none | lookahead | predictor
     predictor_path: str | None = None  # a RoutingPathPredictor.save file; required iff prefetch == "predictor"
 
@@ -118,6 +122,12 @@ class ExpertOffloadConfig:
             )
         if self.max_skip_steps < 0:
             raise ExpertOffloadConfigError(f"max_skip_steps must be >= 0, got {self.max_skip_steps}")
+        if not 0.0 < self.min_run_fraction <= 1.0:
+            raise ExpertOffloadConfigError(f"min_run_fraction must be in (0, 1], got {self.min_run_fraction}")
+        if self.max_overflow_ratio is not None and not 0.0 <= self.max_overflow_ratio <= 1.0:
+            raise ExpertOffloadConfigError(
+                f"max_overflow_ratio must be in [0, 1] or null (no limit), got {self.max_overflow_ratio}"
+            )
         if self.cache_slots is not None and self.cache_slots < 1:
             raise ExpertOffloadConfigError(
                 f"expert cache_slots must be a positive integer, got {self.cache_slots}"
@@ -195,6 +205,10 @@ def _coerce(key: str, value: Any) -> Any:
             return str(value).lower()
         if key in ("scheduling", "miss_policy", "prefetch"):
             return str(value).lower()
+        if key == "min_run_fraction":
+            return float(value)
+        if key == "max_overflow_ratio":
+            return None if value in (None, "", "none") else float(value)
         if key == "max_skip_steps":
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -44,7 +44,12 @@ class ExpertAwareSchedulingMixin:
         # With every expert resident there are no loads to save: keep vLLM's own composition.
         self._grouping_on = offload.scheduling == "expertflow" and 0 < slots < num_experts
         self._grouper = ExpertAwareGrouper(
-            GroupingConfig(capacity=slots or None, max_skip_steps=offload.max_skip_steps)
+            GroupingConfig(
+                capacity=slots or None,
+                max_skip_steps=offload.max_skip_steps,
+                min_fraction=offload.min_run_fraction,
+                max_overflow_ratio=offload.max_overflow_ratio,
+            )
         )
         self._signatures: dict[str, ExpertSignature] = {}
         self._prefix_signatures: dict[tuple[int, ...], ExpertSignature] = {}

@@ -36,6 +36,8 @@ CLI_KEYS = {
     "expert_trace_dir": "trace_dir",
     "expert_scheduling": "scheduling",
     "expert_scheduling_max_skip": "max_skip_steps",
+    "expert_scheduling_min_fraction": "min_run_fraction",
+    "expert_scheduling_max_overflow": "max_overflow_ratio",
     "expert_miss_policy": "miss_policy",
     "expert_prefetch": "prefetch",
     "expert_predictor": "predictor_path",
@@ -58,6 +60,12 @@ def _bounded(parse, is_valid, requirement: str):
 
 
 _positive_int = _bounded(int, lambda v: v >= 1, "a positive integer (slots per MoE layer)")
+_fraction = _bounded(float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+_overflow_ratio = _bounded(
+    lambda text: "none" if text.lower() == "none" else float(text),
+    lambda v: v == "none" or 0.0 <= v <= 1.0,
+    "a number in [0, 1] or 'none'",
+)
 _non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0 (steps)")
 _positive_float = _bounded(float, lambda v: v > 0, "a positive number of GB")
 
@@ -89,6 +97,12 @@ def add_cli_args(parser):
     group.add_argument("--expert-scheduling-max-skip", type=_non_negative_int, default=None,
                        help="Fairness bound of expertflow scheduling: a running request sits out at most this "
                             "many consecutive steps (default 2).")
+    group.add_argument("--expert-scheduling-min-fraction", type=_fraction, default=None,
+                       help="Throughput bound of expertflow scheduling: at least this share of the running "
+                            "requests runs every step (default 0.5).")
+    group.add_argument("--expert-scheduling-max-overflow", type=_overflow_ratio, default=None,
+                       help="Hold requests back only if the chosen ones' experts beyond the slots are at most "
+                            "this share of everyone's (default 0.25; 'none': whenever they load less).")
     group.add_argument("--expert-miss-policy", choices=MISS_POLICIES, default=None,
                        help="'exact' (default, lossless) loads missing experts before computing; 'skip' and "
                             "'substitute' do not wait and CHANGE OUTPUTS (for accuracy studies only).")
