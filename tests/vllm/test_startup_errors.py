@@ -27,6 +27,8 @@ def serve(*flags: str, model: str = "unused-model") -> subprocess.CompletedProce
      "invalid choice: 'mru' (choose from 'lru', 'lfu', 'lfru', 'expertflow')"),
     (["--enable-expert-offload", "--expert-cache-slots", "0"], "must be a positive integer"),
     (["--enable-expert-offload", "--expert-cache-gb", "lots"], "must be a positive number of GB, got 'lots'"),
+    (["--enable-expert-offload", "--expert-cache-slots", "4", "--expert-scheduling-max-overflow", "2"],
+     "must be a number in [0, 1] or 'none', got '2'"),
 ])
 def test_cli_rejects_bad_flags_before_anything_starts(flags, message):
     proc = serve(*flags)
