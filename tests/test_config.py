@@ -93,6 +93,8 @@ def test_scheduling_knobs_are_checked_and_reach_the_grouper_settings():
         {"expert_offload": {"enabled": True, "cache_slots": 4, "min_run_fraction": "0.25", "max_overflow_ratio": "none"}}
     )
     assert (config.min_run_fraction, config.max_overflow_ratio) == (0.25, None)
+    # The engine re-reads the settings from to_dict(): "no limit" must survive the round trip.
+    assert ExpertOffloadConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ExpertOffloadConfigError, match=r"min_run_fraction must be in \(0, 1\], got 0\.0"):
         ExpertOffloadConfig.from_additional_config({"expert_offload": {"min_run_fraction": 0}})
     with pytest.raises(ExpertOffloadConfigError, match=r"max_overflow_ratio must be in \[0, 1\] or null.*got 2\.0"):

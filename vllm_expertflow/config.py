@@ -154,7 +154,12 @@ class ExpertOffloadConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The settings that ``from_dict`` turns back into this config (None kept where it is not the default)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None or f.default is not None
+        }
 
     def slots_per_layer(self, *, num_experts: int, top_k: int, bytes_per_expert: int, num_moe_layers: int) -> int:
         """Slots each MoE layer gets, checked against what a lossless cache needs.
