@@ -135,6 +135,21 @@ def test_prefetch_never_evicts_a_key_the_step_is_likely_to_need():
     assert cache.resident(1) == {0, 1}
 
 
+def test_the_vectorised_next_use_is_the_scalar_one():
+    # _victim ranks pool keys with _next_use_of and a layer's own keys with _next_use: one formula, two codes.
+    trace = make_trace(3, num_steps=12, max_tokens=4, num_experts=8, top_k=2, num_layers=3)
+    cache = ExpertFlowCache(8, 3, 3, budget_mode="global", min_per_layer=2)
+    forecast = DemandForecast.of(HistoryPredictor(3, 8, 2), trace)
+    layers, experts = np.meshgrid(np.arange(3), np.arange(8), indexing="ij")
+    for index, step_ids in enumerate(trace.iter_steps()):
+        cache.begin_step(forecast.demand[index])
+        for layer in range(3):
+            for needed in _step_passes(step_ids[:, layer, :], cache.max_pass_experts(layer)):
+                cache.admit(layer, needed)
+            scalar = [cache._next_use(int(lay), int(e), {}) for lay, e in zip(layers.ravel(), experts.ravel(), strict=True)]
+            assert cache._next_use_of(layers.ravel(), experts.ravel()).tolist() == scalar
+
+
 def test_bad_options_name_the_valid_ones():
     trace = make_trace(7, num_steps=3)
     with pytest.raises(ValueError, match=r"unknown expertflow option\(s\) \['alpha'\]; valid options are \['prefetch'"):

@@ -154,7 +154,6 @@ class ExpertSlotCache:
         if len(needed) <= self.num_slots:
             return self._run_pass(hidden_states, topk_weights, topk_ids, needed, expert_kernel)
         passes = plan_passes(rows, self.num_slots)
-
         experts = [np.unique(rows[index]).tolist() for index in passes]
 
         def run_pass(pass_index, hidden, weights, ids):
