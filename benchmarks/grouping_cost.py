@@ -1,11 +1,14 @@
 """CPU cost of ExpertAwareGrouper.select per engine step, and what it buys over FCFS.
 
-    python benchmarks/grouping_cost.py [--layers 48 --experts 128 --top-k 8 --capacity 32 --calls 300]
+    python benchmarks/grouping_cost.py [--layers 48 --experts 128 --top-k 8 --calls 300]
 
-numpy only (no vLLM, no GPU). A synthetic decode workload: every request belongs to one of
-``--topics`` topics, each topic prefers 16 experts per layer, and each step a request's token
-routes ``--top-k`` experts per layer, from its topic's experts with probability 0.85, else
-uniformly. Signatures are rebuilt every step (as the adapter would from the step's
+No vLLM, no GPU. A synthetic decode workload: every request belongs to one of ``topics``
+topics, each topic prefers 16 experts per layer, and each step a request's token routes
+``--top-k`` experts per layer, from its topic's experts with probability ``on_topic``, else
+uniformly. Two scenarios: noisy topics (8 topics, on_topic 0.85, 32 slots: at 128 and 256
+requests any half of them covers nearly every expert, so a search finds nothing worth
+holding back for and the grouper backs off) and clean topics (4 topics, on_topic 0.98, 64
+slots: the search pays, so every step searches and extends the group to fill the slots). Signatures are rebuilt every step (as the adapter would from the step's
 ``topk_ids``, outside the timed call). For 32 / 128 / 256 running requests it prints the
 wall time of one ``select`` call over all steps (median, p90, fastest: the fastest is the
 cost itself when other processes on a shared machine did not get in the way) and over the
@@ -41,7 +44,6 @@ from vllm_expertflow.core.grouping import (  # noqa: E402
 )
 
 TOPIC_EXPERTS = 16  # experts per layer a topic prefers
-ON_TOPIC = 0.85  # probability a routed expert comes from the topic's set
 
 
 def make_topics(rng: np.random.Generator, topics: int, layers: int, experts: int) -> np.ndarray:
@@ -49,13 +51,15 @@ def make_topics(rng: np.random.Generator, topics: int, layers: int, experts: int
     return np.argsort(rng.random((topics, layers, experts)), axis=-1)[..., :TOPIC_EXPERTS]
 
 
-def route(rng: np.random.Generator, topics: np.ndarray, topic_of: np.ndarray, top_k: int, experts: int) -> np.ndarray:
+def route(
+    rng: np.random.Generator, topics: np.ndarray, topic_of: np.ndarray, top_k: int, experts: int, on_topic_p: float
+) -> np.ndarray:
     """One decode token per request: ``topk_ids [requests, layers, top_k]``, distinct per layer."""
     n, layers = len(topic_of), topics.shape[1]
     preferred = topics[topic_of]  # [n, layers, TOPIC_EXPERTS]
     on_topic = np.take_along_axis(preferred, np.argsort(rng.random(preferred.shape), axis=-1), axis=-1)
     uniform = np.argsort(rng.random((n, layers, experts)), axis=-1)[..., :TOPIC_EXPERTS]
-    pick = np.where(rng.random(on_topic.shape) < ON_TOPIC, on_topic, uniform)[..., :top_k]
+    pick = np.where(rng.random(on_topic.shape) < on_topic_p, on_topic, uniform)[..., :top_k]
     # Duplicates (a uniform pick equal to an on-topic one) only shrink the union a little: fine here.
     return pick
 
@@ -77,7 +81,7 @@ def run(args: argparse.Namespace, requests: int) -> dict[str, float]:
     grouper = ExpertAwareGrouper(GroupingConfig(capacity=args.capacity, max_skip_steps=2, min_fraction=0.5))
     times, searching, chosen, grouped, fcfs = [], [], [], [], []
     for step in range(args.warmup + args.calls):
-        topk_ids = route(rng, topics, topic_of, args.top_k, args.experts)
+        topk_ids = route(rng, topics, topic_of, args.top_k, args.experts, args.on_topic)
         signatures = ExpertSignature.from_batch_topk_ids(topk_ids, [1] * requests, args.experts)
         running = [RequestView(f"req-{i}", 0, float(i), signatures[i], 1) for i in range(requests)]
         start = time.perf_counter()
@@ -114,7 +118,7 @@ def split_cost(args: argparse.Namespace, tokens: int) -> tuple[float, float]:
     """Median ms of ExpertFlow's two-way split of ``tokens`` tokens, and its expert ratio vs halves by index."""
     rng = np.random.default_rng(tokens)
     topics = make_topics(rng, args.topics, args.layers, args.experts)
-    topk_ids = route(rng, topics, rng.integers(0, args.topics, tokens), args.top_k, args.experts)
+    topk_ids = route(rng, topics, rng.integers(0, args.topics, tokens), args.top_k, args.experts, args.on_topic)
     signatures = ExpertSignature.from_batch_topk_ids(topk_ids, [1] * tokens, args.experts)
     times = []
     for _ in range(max(5, args.calls // 20)):
@@ -131,50 +135,61 @@ def main() -> int:
     parser.add_argument("--layers", type=int, default=48)  # Qwen3-30B-A3B
     parser.add_argument("--experts", type=int, default=128)
     parser.add_argument("--top-k", type=int, default=8)
-    parser.add_argument("--topics", type=int, default=8)
-    parser.add_argument("--capacity", type=int, default=32)
     parser.add_argument("--calls", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "grouping_cost"))
     args = parser.parse_args()
 
+    scenarios = [
+        ("noisy topics, the search rarely pays", {"topics": 8, "on_topic": 0.85, "capacity": 32}),
+        ("clean topics, the search pays", {"topics": 4, "on_topic": 0.98, "capacity": 64}),
+    ]
     load_before = os.getloadavg()[0]
-    rows = []
-    for requests in (32, 128, 256):
-        rows.append(run(args, requests))
-        print(f"{requests} requests done", file=sys.stderr)
-    splits = [(tokens, *split_cost(args, tokens)) for tokens in (128, 512)]
+    results = []
+    for name, overrides in scenarios:
+        scenario = argparse.Namespace(**{**vars(args), **overrides})
+        rows = []
+        for requests in (32, 128, 256):
+            rows.append(run(scenario, requests))
+            print(f"{name}: {requests} requests done", file=sys.stderr)
+        results.append((name, overrides, rows))
+    splits = [(tokens, *split_cost(argparse.Namespace(**{**vars(args), **scenarios[0][1]}), tokens)) for tokens in (128, 512)]
     load_after = os.getloadavg()[0]
 
     header = (
-        f"`select`: {args.layers} layers x {args.experts} experts, top-{args.top_k}, {args.topics} topics, "
-        f"capacity {args.capacity}, K=2, min_fraction 0.5, {args.calls} calls after {args.warmup} warmup; "
-        f"wall time of one call, the cache-aware one the adapter makes. Searching steps: the calls that "
-        f"searched for a group (the others back off after a search that did not pay and let everyone run). "
-        f"Machine: {os.cpu_count()} CPUs, 1-minute load average {load_before:.2f} before, "
-        f"{load_after:.2f} after (shared: the other processes' share shows in the medians and p90s, "
-        f"the fastest call is the cost itself)."
+        f"`select`: {args.layers} layers x {args.experts} experts, top-{args.top_k}, K=2, min_fraction 0.5, "
+        f"{args.calls} calls after {args.warmup} warmup; wall time of one call, the cache-aware one the adapter "
+        f"makes. Searching steps: the calls that searched for a group (the others back off after a search that "
+        f"did not pay and let everyone run). Machine: {os.cpu_count()} CPUs, 1-minute load average "
+        f"{load_before:.2f} before, {load_after:.2f} after (shared: the other processes' share shows in the "
+        f"medians and p90s, the fastest call is the cost itself)."
     )
-    table = [
-        "| requests | chosen | all steps median us | p90 us | min us | searching steps | search median us "
-        "| search p90 us | search min us | experts/layer | FCFS | ratio |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        table.append(
-            f"| {row['requests']} | {row['chosen']:.1f} | {row['median_us']:.0f} | {row['p90_us']:.0f} "
-            f"| {row['min_us']:.0f} | {row['searching_steps']} | {row['search_median_us']:.0f} "
-            f"| {row['search_p90_us']:.0f} | {row['search_min_us']:.0f} | {row['grouped']:.1f} "
-            f"| {row['fcfs']:.1f} | {row['grouped'] / row['fcfs']:.2f} |"
-        )
+    tables = []
+    for name, overrides, rows in results:
+        tables += [
+            f"{name} ({overrides['topics']} topics, on-topic {overrides['on_topic']}, "
+            f"capacity {overrides['capacity']}):",
+            "",
+            "| requests | chosen | all steps median us | p90 us | min us | searching steps | search median us "
+            "| search p90 us | search min us | experts/layer | FCFS | ratio |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            tables.append(
+                f"| {row['requests']} | {row['chosen']:.1f} | {row['median_us']:.0f} | {row['p90_us']:.0f} "
+                f"| {row['min_us']:.0f} | {row['searching_steps']} | {row['search_median_us']:.0f} "
+                f"| {row['search_p90_us']:.0f} | {row['search_min_us']:.0f} | {row['grouped']:.1f} "
+                f"| {row['fcfs']:.1f} | {row['grouped'] / row['fcfs']:.2f} |"
+            )
+        tables.append("")
     split_table = [
-        "`hamming_two_way_split` (ExpertFlow token scheduler, 2T tokens):",
+        "`hamming_two_way_split` (ExpertFlow token scheduler, 2T tokens, noisy topics):",
         "",
         "| tokens | median ms | experts vs index halves |",
         "|---:|---:|---:|",
         *(f"| {tokens} | {ms:.2f} | {ratio:.2f} |" for tokens, ms, ratio in splits),
     ]
-    text = "\n".join([header, "", *table, "", *split_table]) + "\n"
+    text = "\n".join([header, "", *tables, *split_table]) + "\n"
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,7 +198,7 @@ def main() -> int:
         "args": vars(args),
         "cpus": os.cpu_count(),
         "load_average": [load_before, load_after],
-        "select": rows,
+        "select": {name: {"scenario": overrides, "rows": rows} for name, overrides, rows in results},
         "split": [
             {"tokens": tokens, "median_ms": ms, "experts_vs_index_halves": ratio} for tokens, ms, ratio in splits
         ],

@@ -5,7 +5,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_expertflow.core import grouping
 from vllm_expertflow.core.grouping import (
     ExpertAwareGrouper,
     ExpertSignature,
@@ -260,33 +259,6 @@ def test_resident_experts_are_free_for_selection():
     assert sorted(int(c[1:]) % 2 for c in chosen) == [1, 1, 1, 1]
     with pytest.raises(ValueError, match="resident has words"):
         grouper.select(views(sigs), 1, resident=signature([0], layers=LAYERS + 1))
-
-
-def test_compacted_search_rows_change_no_decision(monkeypatch):
-    # The search scores loads on the bytes where some request loads an expert when those are few;
-    # gathering them (padded to whole words) must choose exactly what the full rows choose.
-    rng = np.random.default_rng(6)
-    layers, experts = 3, 130  # three words per layer, the last one partly used
-    preferred = np.argsort(rng.random((3, layers, experts)), axis=-1)[..., :12]
-    topic_of = rng.integers(0, 3, 40)
-    priorities = rng.integers(0, 2, 40).tolist()
-    config = GroupingConfig(capacity=10, max_skip_steps=2, min_fraction=0.4, max_overflow_ratio=None)
-    compact, full = ExpertAwareGrouper(config), ExpertAwareGrouper(config)
-    compacted_steps = 0
-    for step in range(40):
-        picks = np.take_along_axis(preferred[topic_of], np.argsort(rng.random((40, layers, 12)), axis=-1), axis=-1)
-        sigs = ExpertSignature.from_batch_topk_ids(picks[..., :4], [1] * 40, experts)
-        sigs = [None if i % 9 == 0 else s for i, s in enumerate(sigs)]  # a few unknown signatures
-        running = views(sigs, priorities)
-        # The last union (few bytes left to load) or a random resident set (most bytes loaded).
-        resident = compact.last_union if step % 3 else rng.random((layers, experts)) < 0.5
-        monkeypatch.setattr(grouping, "_MAX_LOAD_BYTES_FRACTION", 1.0)  # always compact
-        first = compact.select(running, step, resident=resident)
-        monkeypatch.setattr(grouping, "_MAX_LOAD_BYTES_FRACTION", 0.0)  # only when nothing loads
-        assert full.select(running, step, resident=resident) == first
-        assert full.last_union == compact.last_union
-        compacted_steps += compact.last_searched
-    assert compacted_steps > 10
 
 
 def test_search_backs_off_after_it_did_not_pay():

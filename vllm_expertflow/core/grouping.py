@@ -42,6 +42,20 @@ else:  # pragma: no cover - older numpy: per-byte lookup table
         return as_bytes.reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)
 
 
+@functools.cache
+def _kernels() -> Any:
+    """The compiled search loops (``bit_kernels``), imported on first use.
+
+    numba costs about half a second to import, and a worker that only packs signatures never
+    searches; compiling (or loading from numba's on-disk cache) happens here too, at
+    scheduler start rather than on the first step that searches.
+    """
+    from vllm_expertflow.core import bit_kernels
+
+    bit_kernels.compile_all()
+    return bit_kernels
+
+
 def _to_numpy(array: Any) -> np.ndarray:
     # The adapter holds torch tensors (possibly on the GPU); the core must not care.
     if hasattr(array, "detach"):
@@ -175,6 +189,10 @@ def _as_words(signature: ExpertSignature | np.ndarray) -> ExpertSignature:
     return ExpertSignature.from_mask(signature)
 
 
+_WORDS = operator.attrgetter("words")
+_NUM_EXPERTS = operator.attrgetter("num_experts")
+
+
 def _stack_words(signatures: Sequence[ExpertSignature | np.ndarray] | np.ndarray) -> tuple[np.ndarray, int]:
     """Signatures as ``[n, L, W] uint64`` (read-only) plus ``num_experts``; all must share one shape."""
     if isinstance(signatures, np.ndarray):
@@ -186,7 +204,7 @@ def _stack_words(signatures: Sequence[ExpertSignature | np.ndarray] | np.ndarray
         mask = signatures if signatures.ndim == 3 else signatures[:, None, :]
         return _pack(mask), mask.shape[2]
     try:  # the common case, all packed already: no per-item isinstance
-        words = [s.words for s in signatures]  # type: ignore[union-attr]
+        words = list(map(_WORDS, signatures))
     except AttributeError:
         signatures = [s if isinstance(s, ExpertSignature) else ExpertSignature.from_mask(s) for s in signatures]
         words = [s.words for s in signatures]
@@ -194,7 +212,7 @@ def _stack_words(signatures: Sequence[ExpertSignature | np.ndarray] | np.ndarray
         return np.zeros((0, 1, 1), dtype=np.uint64), 1
     # ExpertSignature fixes W by num_experts, so equal experts and layer counts mean equal shapes.
     layers = set(map(len, words))
-    experts = {s.num_experts for s in signatures}  # type: ignore[union-attr]
+    experts = set(map(_NUM_EXPERTS, signatures))
     if len(layers) > 1 or len(experts) > 1:
         raise ValueError(
             f"signatures must all cover the same moe_layers and num_experts, got layers {sorted(layers)}, "
@@ -305,6 +323,10 @@ class RequestView:
     num_tokens: int = 1
 
 
+# One C-level call per view: select reads these five fields of every running request each step.
+_VIEW_FIELDS = operator.attrgetter("priority", "arrival_time", "request_id", "num_tokens", "signature")
+
+
 @dataclasses.dataclass(frozen=True)
 class GroupingConfig:
     # Slots per MoE layer; a step extends past min_fraction only while its union fits.
@@ -342,9 +364,6 @@ class GroupingConfig:
 _GROWTH = 8
 _SWAP_ROUNDS = 2
 _MAX_EXTEND_ROUNDS = 3
-# Search scores run on the bytes where some request loads an expert when those are at most this
-# fraction of all; past it, gathering them costs about what the narrower rows save.
-_MAX_LOAD_BYTES_FRACTION = 0.5
 # When holding requests back did not pay, the next search waits 1, 2, 4, ... up to this many steps.
 _MAX_BACKOFF_STEPS = 8
 
@@ -381,6 +400,8 @@ class ExpertAwareGrouper:
         self._backoff_length = 0
         # Whether the last select searched for a group (False while backing off): searching steps cost more.
         self.last_searched = False
+        if config.max_skip_steps > 0:
+            _kernels()  # compile now, not in the first step that searches
 
     def skip_count(self, request_id: str) -> int:
         """Consecutive steps ``request_id`` has been left out (0 if unknown)."""
@@ -412,7 +433,7 @@ class ExpertAwareGrouper:
         # One pass over the views (per-request Python work dominates the cost at this size),
         # then everything works in rank order: priority, arrival, id. Row i has rank i, so ties
         # anywhere below go to the lower row, and the result ignores the input order.
-        fields = [(r.priority, r.arrival_time, r.request_id, r.num_tokens, r.signature) for r in running]
+        fields = list(map(_VIEW_FIELDS, running))
         fields.sort(key=operator.itemgetter(0, 1, 2))
         priorities, _, ids, tokens, signatures = zip(*fields, strict=True)
         if len(set(ids)) != n:
@@ -490,7 +511,7 @@ class ExpertAwareGrouper:
         ratio = self.config.max_overflow_ratio
         if ratio is None or chosen.capacity is None or chosen.selected.all():
             return True
-        excess = int(np.maximum(chosen.layer_union_sizes() - chosen.capacity, 0).sum())
+        excess = int(np.maximum(chosen.layer_sizes(chosen.union) - chosen.capacity, 0).sum())
         if excess == 0:
             return True
         excess_all = int(np.maximum(chosen.layer_sizes(chosen.everyone) - chosen.capacity, 0).sum())
@@ -580,7 +601,6 @@ class _GreedySelection:
         self.union = np.zeros(self.flat.shape[1], dtype=np.uint64)
         # Experts already in the slots: using them loads nothing (all zeros: cache-blind).
         self.free = np.zeros_like(self.union) if free is None else free.astype(np.uint64)
-        self._load_bytes: np.ndarray | None = None  # load's layout: the flat bytes it keeps, or all
 
     @functools.cached_property
     def everyone(self) -> np.ndarray:
@@ -589,35 +609,12 @@ class _GreedySelection:
 
     @functools.cached_property
     def load(self) -> np.ndarray:
-        """What each row would load into an empty step (its experts outside the slots): ``[n, C] uint64``.
+        """What each row would load into an empty step (its experts outside the slots): ``[n, L * W] uint64``.
 
-        Every search score is a popcount of loads, which does not care where the bits sit, so
-        when few bytes (of the flat uint8 view) hold any row's loads, this keeps only those,
-        padded to whole words with bytes no row loads (``_compact``): with the resident set
-        known, a fifth of the ``L * W`` words at 256 requests. Only a search needs it, so a step
-        without one does not pay for it.
+        Every search score is a popcount of loads. Only a search needs it, so a step without
+        one does not pay for it.
         """
-        loaded = self.everyone & ~self.free
-        loaded_bytes = loaded.view(np.uint8) != 0
-        cols = np.flatnonzero(loaded_bytes)
-        if len(cols) > _MAX_LOAD_BYTES_FRACTION * len(loaded_bytes):
-            return self.flat & loaded
-        # The flat width is whole words, so there are enough unloaded bytes to pad with.
-        self._load_bytes = np.concatenate([cols, np.flatnonzero(~loaded_bytes)[: -len(cols) % 8]])
-        load = self._compact(self.flat)
-        load &= self._compact(loaded)  # also clears the padding bytes
-        return load
-
-    def _compact(self, flat_words: np.ndarray) -> np.ndarray:
-        """``[..., L * W] uint64`` in ``load``'s layout, ``[..., C] uint64`` (a copy when compacted).
-
-        Call it only after ``load``, which picks the layout.
-        """
-        cols = self._load_bytes
-        if cols is None:
-            return flat_words
-        # take, not [..., cols]: that gathers into a column-major array, which cannot be viewed as words.
-        return np.take(flat_words.view(np.uint8), cols, axis=-1).view(np.uint64)
+        return self.flat & (self.everyone & ~self.free)
 
     def add(self, rows: np.ndarray) -> None:
         """Add ``rows``, none of them selected yet."""
@@ -628,26 +625,15 @@ class _GreedySelection:
         if len(self.order) == len(self.flat):  # everyone now: no gather
             self.union = self.everyone.copy()
         else:
-            self.union |= np.bitwise_or.reduce(self.flat[rows], axis=0)
+            _kernels().or_rows_into(self.union, self.flat, rows)
 
-    def layer_union_sizes(self) -> np.ndarray:
-        """Distinct experts per layer of the selection, ``[L] int32``."""
-        return self.layer_sizes(self.union)
-
-    def layer_sizes(self, flat_unions: np.ndarray) -> np.ndarray:
-        """Distinct experts per layer of flat unions: ``[..., L * W] -> [..., L] int32``."""
-        return _layer_counts(flat_unions.reshape(*flat_unions.shape[:-1], self.num_layers, self.num_words))
+    def layer_sizes(self, flat_union: np.ndarray) -> np.ndarray:
+        """Distinct experts per layer of a flat union: ``[L * W] -> [L] int64``."""
+        return _kernels().layer_counts(flat_union, self.num_layers)
 
     def new_experts(self, rows: np.ndarray) -> np.ndarray:
         """Experts each row would make the step load: outside the union and the resident set."""
-        words = self.load[rows]
-        if len(self.order):  # else the union is empty
-            words &= ~self._compact(self.union)
-        return _total_counts(words)
-
-    def _cheapest_first(self, rows: np.ndarray, new_experts: np.ndarray) -> np.ndarray:
-        """Order of ``rows``: fewest new experts, then lowest row (rank); the keys are unique."""
-        return (new_experts * len(self.flat) + rows).argsort()
+        return _kernels().count_outside(self.load, rows, self.union)
 
     def fill(self, minimum: int, pool: np.ndarray) -> np.ndarray:
         """Add rows of ``pool`` (one priority level) until ``minimum`` run, cheapest first, slots ignored.
@@ -655,65 +641,23 @@ class _GreedySelection:
         Returns what is left of the pool. The cutoff level always holds enough requests:
         select() chose it that way.
         """
-        count = len(self.order)
-        if count >= minimum:
+        if len(self.order) >= minimum:
             return pool
-        # Rounds score against the union in load's layout; the selection itself grows once at the end.
-        load_union = np.bitwise_or.reduce(self.load[self.order], axis=0)
-        picked = []
-        while count < minimum:
-            new_experts = _total_counts(self.load[pool] & ~load_union)
-            order = self._cheapest_first(pool, new_experts)
-            take = min(minimum - count, max(1, (_GROWTH - 1) * count, int(np.count_nonzero(new_experts == 0))))
-            picked.append(pool[order[:take]])
-            load_union |= np.bitwise_or.reduce(self.load[picked[-1]], axis=0)
-            pool = pool[order[take:]]
-            count += take
-        self.add(np.concatenate(picked))
+        picked, pool = _kernels().fill_rounds(self.load, self.order, pool, minimum, _GROWTH)
+        self.add(picked)
         return pool
 
     def improve(self, pool: np.ndarray) -> None:
         """Swap chosen requests that alone bring many experts for left-out ones of ``pool`` bringing fewer.
 
-        A chosen request's own experts are those no other chosen request uses; a left-out
-        one's cost is what it adds to the union. Pairs go most-own against cheapest while
-        that gains, and a round is kept only if the union really shrank. A swapped-in
-        request takes the pick position of the one it replaces.
+        Only loads count (``bit_kernels.swap_rounds``): a chosen request's own experts are its
+        loads no other chosen one has; the objective is the experts the step loads.
         """
-        n, fixed = len(self.flat), self.num_fixed
-        if len(self.order) == fixed or len(pool) == 0:
+        if len(self.order) == self.num_fixed or len(pool) == 0:
             return
-        pool = pool.copy()
-        # All in load's layout: only loads count. A chosen request's own experts are its loads no other
-        # chosen one has; the objective is the experts the step loads (the chosen ones' load union).
-        chosen_loads = self.load[self.order]
-        movable = len(self.order) - fixed
-        swapped = False
-        for _ in range(_SWAP_ROUNDS):
-            before = np.bitwise_or.accumulate(chosen_loads, axis=0)  # before[-1]: the load union
-            shared = np.bitwise_or.reduce(chosen_loads[1:] & before[:-1], axis=0)  # used by >= 2 chosen
-            # One popcount for both: the movable chosen rows' own experts, the pool's new ones (cost).
-            counts = _total_counts(np.concatenate([chosen_loads[fixed:] & ~shared, self.load[pool] & ~before[-1]]))
-            own, cost = counts[:movable], counts[movable:]
-            # Most own experts first; among equals the least urgent / latest (highest row) leaves first.
-            leave = np.argsort(own * n + self.order[fixed:])[::-1]
-            join = self._cheapest_first(pool, cost)
-            pairs = min(len(leave), len(join))
-            # own falls and cost rises along the orders, so the gains are non-increasing.
-            swaps = int(np.count_nonzero(own[leave[:pairs]] > cost[join[:pairs]]))
-            if swaps == 0:
-                break
-            union_size = int(_popcount(before[-1]).sum())
-            leaving, joining = fixed + leave[:swaps], join[:swaps]
-            trial = self.order.copy()
-            trial[leaving] = pool[joining]
-            chosen_loads[leaving] = self.load[trial[leaving]]  # kept only if the trial is
-            trial_size = int(_popcount(np.bitwise_or.reduce(chosen_loads, axis=0)).sum())
-            if trial_size >= union_size:
-                break  # the pairwise estimate ignored overlaps and was wrong: keep what we have
-            pool[joining] = self.order[leaving]
-            self.order, swapped = trial, True
+        order, _, swapped = _kernels().swap_rounds(self.load, self.order, pool, self.num_fixed, _SWAP_ROUNDS)
         if swapped:
+            self.order = order
             self.union = np.bitwise_or.reduce(self.flat[self.order], axis=0)
             self.selected[:] = False
             self.selected[self.order] = True
@@ -722,8 +666,8 @@ class _GreedySelection:
         """Past the minimum, add requests while the union fits the slots, one priority level at a time.
 
         A layer already over capacity (forced or minimum requests) may not grow further, but
-        requests that add nothing to it still fit. A level not exhausted ends the extension:
-        its leftovers are more urgent than anything after it.
+        requests that add nothing to it still fit (``bit_kernels.extend_rounds``). A level not
+        exhausted ends the extension: its leftovers are more urgent than anything after it.
         """
         rounds = 0
         for level in np.unique(self.priority[self.priority >= cutoff]):
@@ -731,31 +675,12 @@ class _GreedySelection:
             if self.capacity is None:
                 self.add(rows)
                 continue
-            while len(rows):
-                if rounds == _MAX_EXTEND_ROUNDS:
-                    return
-                rounds += 1
-                used = self.layer_union_sizes()
-                if (used >= self.capacity).all():
-                    # Full everywhere (the usual case): only requests that add no expert fit.
-                    # Resident experts do not count here: a layer past its slots runs another pass.
-                    free = _total_counts(self.flat[rows] & ~self.union) == 0
-                    self.add(rows[free])
-                    if not free.all():
-                        return
-                    break
-                limit = np.maximum(used, self.capacity)  # [L]
-                grown = self.layer_sizes(self.flat[rows] | self.union)  # [k, L]
-                fits = (grown <= limit).all(axis=1)
-                if not fits.any():
-                    return
-                candidates = rows[fits]
-                candidates = candidates[self._cheapest_first(candidates, self.new_experts(candidates))]
-                # Longest prefix, cheapest first, whose joint union still fits.
-                joint = np.bitwise_or.accumulate(self.flat[candidates], axis=0) | self.union
-                joint_fits = (self.layer_sizes(joint) <= limit).all(axis=1)
-                take = len(candidates) if joint_fits.all() else int(np.argmin(joint_fits))
-                # Next round re-scores what is left against the grown union.
-                self.add(candidates[:take])
-                rows = rows[~self.selected[rows]]
-            # Level exhausted: the next, less urgent one may start.
+            if len(rows) == 0:
+                continue
+            added, used, stop = _kernels().extend_rounds(
+                self.flat, self.load, self.union, rows, self.num_layers, self.capacity, _MAX_EXTEND_ROUNDS - rounds
+            )
+            self.add(added)
+            rounds += used
+            if stop:
+                return

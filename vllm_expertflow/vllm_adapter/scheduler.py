@@ -26,6 +26,7 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
     init_logger,
     reorder_waiting,
     running_limits_lowered,
+    shield_kernel_rebinding_from_llvmlite,
 )
 
 logger = init_logger(f"vllm.{__name__}")
@@ -43,14 +44,17 @@ class ExpertAwareSchedulingMixin:
         slots = planned_slots_per_layer(offload, self.vllm_config) if offload.enabled and num_experts else 0
         # With every expert resident there are no loads to save: keep vLLM's own composition.
         self._grouping_on = offload.scheduling == "expertflow" and 0 < slots < num_experts
-        self._grouper = ExpertAwareGrouper(
-            GroupingConfig(
-                capacity=slots or None,
-                max_skip_steps=offload.max_skip_steps,
-                min_fraction=offload.min_run_fraction,
-                max_overflow_ratio=offload.max_overflow_ratio,
+        self._grouper: ExpertAwareGrouper | None = None
+        if self._grouping_on:
+            shield_kernel_rebinding_from_llvmlite()  # the grouper compiles its search with numba
+            self._grouper = ExpertAwareGrouper(
+                GroupingConfig(
+                    capacity=slots,
+                    max_skip_steps=offload.max_skip_steps,
+                    min_fraction=offload.min_run_fraction,
+                    max_overflow_ratio=offload.max_overflow_ratio,
+                )
             )
-        )
         self._signatures: dict[str, ExpertSignature] = {}
         self._prefix_signatures: dict[tuple[int, ...], ExpertSignature] = {}
         self._resident: ExpertSignature | None = None  # the slots' contents after the last step
@@ -120,7 +124,8 @@ class ExpertAwareSchedulingMixin:
 
     def _forget(self, request_id: str) -> None:
         self._signatures.pop(request_id, None)
-        self._grouper.forget(request_id)
+        if self._grouper is not None:
+            self._grouper.forget(request_id)
 
     def _view(self, request) -> RequestView:
         signature = self._signatures.get(request.request_id)

