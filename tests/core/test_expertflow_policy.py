@@ -146,8 +146,93 @@ def test_the_vectorised_next_use_is_the_scalar_one():
         for layer in range(3):
             for needed in _step_passes(step_ids[:, layer, :], cache.max_pass_experts(layer)):
                 cache.admit(layer, needed)
-            scalar = [cache._next_use(int(lay), int(e), {}) for lay, e in zip(layers.ravel(), experts.ravel(), strict=True)]
+            scalar = [
+                cache._next_use(int(lay), int(e), {}) for lay, e in zip(layers.ravel(), experts.ravel(), strict=True)
+            ]
             assert cache._next_use_of(layers.ravel(), experts.ravel()).tolist() == scalar
+
+
+def test_the_vectorised_victims_are_the_scalar_ones():
+    # In global mode _victims ranks the pool with numpy; both rules must pick what a plain loop over the
+    # same candidates (resident, not protected, not another layer's floor) would, soon-needed keys included.
+    trace = make_trace(4, num_steps=15, max_tokens=4, num_experts=8, top_k=2, num_layers=3)
+    cache = ExpertFlowCache(8, 3, 3, budget_mode="global", min_per_layer=2)
+    forecast = DemandForecast.of(HistoryPredictor(3, 8, 2), trace)
+    rng = np.random.default_rng(0)
+    checked = 0
+    for index, step_ids in enumerate(trace.iter_steps()):
+        cache.begin_step(forecast.demand[index])
+        for layer in range(3):
+            for needed in _step_passes(step_ids[:, layer, :], cache.max_pass_experts(layer)):
+                cache.admit(layer, needed)
+            own = sorted(cache.resident(layer))
+            soon = {int(e): int(d) for e, d in zip(rng.permutation(own)[:2], (2, 1), strict=False)}
+            protected = {(layer, int(rng.choice(own)))}
+            candidates = [
+                (owner, e)
+                for owner in range(3)
+                for e in sorted(cache.resident(owner))
+                if (owner, e) not in protected and (owner == layer or len(cache.resident(owner)) > 2)
+            ]
+
+            def later(key, soon=soon, layer=layer):
+                return soon.get(key[1], 0) if key[0] == layer else 0
+
+            by_demand = min(
+                candidates,
+                key=lambda k: (-cache._next_use(*k, soon if k[0] == layer else {}), cache._last_use[k], k),
+            )
+            by_lru = min(candidates, key=lambda k: (later(k) > 0, -later(k), cache._recent[k], k))
+            assert cache._victims(layer, protected, soon) == (by_demand, by_lru)
+            checked += 1
+    assert checked == 3 * trace.num_steps
+
+
+def skewed_decode_trace(seed: int):
+    # One token a step (batch-1 decode): every miss evicts, so the eviction rule decides the loads.
+    return make_trace(seed, num_steps=300, max_tokens=1, num_experts=8, top_k=2, num_layers=3)
+
+
+def misleading_forecast(trace) -> DemandForecast:
+    """Confidently wrong: the rarer an expert of a layer, the likelier the forecast calls it."""
+    counts = np.stack([np.bincount(trace.topk_ids[:, layer].ravel(), minlength=8) for layer in range(3)])
+    rarity = 1.0 - counts / counts.max(axis=1, keepdims=True)
+    return DemandForecast("misleading", np.broadcast_to(rarity, (trace.num_steps, 3, 8)).copy())
+
+
+@pytest.mark.parametrize("budget_mode", ["per-layer", "global"])
+@pytest.mark.parametrize("seed", range(3))
+def test_adaptive_eviction_falls_back_to_lru_when_the_forecast_misleads(budget_mode, seed):
+    trace = skewed_decode_trace(seed)
+    lru = simulate(trace, "lru", 4, budget_mode=budget_mode).loads
+
+    def loads(forecast, eviction):
+        options = {"eviction": eviction, "prefetch": False}
+        return simulate(
+            trace, "expertflow", 4, budget_mode=budget_mode, predictor=forecast, policy_kwargs=options
+        ).loads
+
+    bad = misleading_forecast(trace)
+    assert loads(bad, "demand") > 1.1 * lru  # the forecast alone misleads eviction ...
+    assert loads(bad, "adaptive") <= 1.02 * lru  # ... the adaptive rule notices and does about as LRU does
+    good = perfect_forecast(trace)
+    # A forecast worth following is followed: the gain over LRU stays.
+    assert loads(good, "adaptive") <= 1.02 * loads(good, "demand") < lru
+
+
+def test_adaptive_eviction_scores_the_rule_whose_victim_came_back_first():
+    cache = ExpertFlowCache(4, 1, 2, prefetch=False, regret_half_life=1e9)
+    demand = np.array([[0.0, 0.9, 0.0, 0.0]])  # the forecast wants expert 1 kept, LRU would evict it
+    cache.begin_step(demand)
+    cache.admit(0, [1])
+    cache.admit(0, [0])
+    cache.admit(0, [2])  # demand evicts 0 (less likely), LRU would have evicted 1 (older): a disagreement
+    assert cache.resident(0) == {1, 2} and cache.followed == {"demand": 1, "lru": 0}
+    # 0, demand's victim, is needed before 1: demand's pick was the wrong one, so this very miss
+    # follows LRU and evicts the least recently used, 1, where demand would take 2.
+    cache.admit(0, [0])
+    assert cache._trust[0] == -1.0
+    assert cache.resident(0) == {0, 2} and cache.followed == {"demand": 1, "lru": 1}
 
 
 def test_bad_options_name_the_valid_ones():
@@ -158,6 +243,12 @@ def test_bad_options_name_the_valid_ones():
         simulate(trace, "lru", 3, predictor="history")
     with pytest.raises(ValueError, match=r"prefetch_threshold must be a probability in \(0, 1\], got 0"):
         simulate(trace, "expertflow", 3, policy_kwargs={"prefetch_threshold": 0})
+    with pytest.raises(
+        ValueError, match=r"unknown eviction rule 'belady'; valid rules are \['adaptive', 'demand', 'lru'\]"
+    ):
+        simulate(trace, "expertflow", 3, policy_kwargs={"eviction": "belady"})
+    with pytest.raises(ValueError, match="regret_half_life must be a positive number of settled disagreements, got 0"):
+        simulate(trace, "expertflow", 3, policy_kwargs={"regret_half_life": 0})
     with pytest.raises(ValueError, match="demand forecast has shape"):
         simulate(trace, "expertflow", 3, predictor=DemandForecast("x", np.zeros((1, 1, 1))))
 

@@ -29,7 +29,14 @@ in global mode, moves slots across layers (PLEC). Each step it:
 3. replays the step layer by layer as the other policies do; a needed expert that is not
    resident is a demand miss and loads at once.
 
-Eviction follows Belady's rule on estimates: the victim is the key whose next use is
+Eviction (``eviction="adaptive"``, the default) picks between two rules per layer (one
+score for the pool in global mode): the demand ranking below and LRU. Where they pick
+different victims, the first of the two keys needed again shows which pick was wrong,
+whether or not it was followed; the cache follows the rule with fewer recent wrong picks
+(decayed, half-life ``regret_half_life`` settled pairs) and the demand ranking on a tie.
+So a misleading forecast costs about LRU's loads, not more, and a good one keeps its gains.
+
+The demand ranking follows Belady's rule on estimates: the victim is the key whose next use is
 expected farthest ahead, in layer runs from now (``ExpertFlowCache._next_use``). A key is
 needed each step with probability ``p``, a blend (``demand_weight``) of the predicted demand
 and its decayed use rate (the share of the layer's recent passes that needed it,
@@ -75,7 +82,10 @@ BUDGET_MODES = ("per-layer", "global")
 EXPERTFLOW = "expertflow"
 SIM_POLICIES = (*sorted(POLICIES), EXPERTFLOW)
 GLOBAL_POLICIES = ("lru", "belady", EXPERTFLOW)
-EXPERTFLOW_OPTIONS = ("prefetch", "prefetch_threshold", "half_life", "demand_weight")
+EXPERTFLOW_OPTIONS = ("prefetch", "prefetch_threshold", "half_life", "demand_weight", "eviction", "regret_half_life")
+# ExpertFlowCache's eviction rules: "adaptive" follows whichever of the other two has been
+# choosing the better victims lately; "demand" and "lru" are that choice's two experts alone.
+EVICTION_RULES = ("adaptive", "demand", "lru")
 # A PCIe 4.0 x16 link's sustained host-to-device rate, in GB/s.
 DEFAULT_LINK_GBPS = 25.0
 
@@ -400,12 +410,15 @@ class ExpertFlowCache:
     :meth:`admit` per layer and pass in execution order. The replay loop
     ``_replay_expertflow`` shows the order; a live cache would copy the returned keys.
 
-    Options: ``prefetch`` (False: demand loading with predicted-demand eviction),
+    Options: ``prefetch`` (False: demand loading, eviction unchanged),
     ``prefetch_threshold`` (the predicted probability that a step needs a key at which it
     is prefetched), ``half_life`` (passes after which a use counts half in the use rate:
     small is recency, large is frequency), ``demand_weight`` (the predicted demand's share
-    against the use rate in the per-step need probability). The defaults were chosen on a
-    recording of the bundled text model (benchmarks/cache_policies.py).
+    against the use rate in the per-step need probability), ``eviction`` (``adaptive``:
+    the demand ranking or LRU, whichever has picked the better victims lately, see
+    :meth:`_choose_victim`; ``demand`` or ``lru``: that rule alone), ``regret_half_life``
+    (settled disagreements after which a wrong pick counts half). The defaults were chosen
+    on recordings of the bundled text model (benchmarks/cache_policies.py).
 
     It tracks which experts are resident, not which slot holds them: a live cache would
     pair it with a slot table as ``SlotMap`` does for the replacement policies.
@@ -424,6 +437,8 @@ class ExpertFlowCache:
         prefetch_threshold: float = 0.9,
         half_life: float = 2.0,
         demand_weight: float = 0.5,
+        eviction: str = "adaptive",
+        regret_half_life: float = 16.0,
     ) -> None:
         if budget_mode not in BUDGET_MODES:
             raise ValueError(f"unknown budget mode {budget_mode!r}; valid modes are {list(BUDGET_MODES)}")
@@ -435,6 +450,12 @@ class ExpertFlowCache:
             raise ValueError(f"half_life must be a positive number of passes, got {half_life}")
         if not 0.0 <= demand_weight <= 1.0:
             raise ValueError(f"demand_weight must be in [0, 1], got {demand_weight}")
+        if eviction not in EVICTION_RULES:
+            raise ValueError(f"unknown eviction rule {eviction!r}; valid rules are {list(EVICTION_RULES)}")
+        if not regret_half_life > 0:
+            raise ValueError(
+                f"regret_half_life must be a positive number of settled disagreements, got {regret_half_life}"
+            )
         self.num_experts = num_experts
         self.num_layers = num_layers
         self.budget_mode = budget_mode
@@ -457,6 +478,22 @@ class ExpertFlowCache:
         self._current_layer = -1  # the layer whose pass runs; -1 before the step's first layer
         self.demand_weight = demand_weight
         self._unused_prefetch: set[tuple[int, int]] = set()
+        self.eviction = eviction
+        self.regret_half_life = regret_half_life
+        self._regret_decay = 2.0 ** (-1.0 / regret_half_life)
+        # The lru expert's clock: last use or load (a prefetch counts as recent, as in the live LRU cache).
+        self._recent = np.zeros((num_layers, num_experts), dtype=np.int64)
+        # Decayed (lru's wrong picks - demand's wrong picks) over settled disagreements, per layer
+        # (one pool: row 0 only). >= 0 follows the demand ranking: a new cache trusts its forecast
+        # until it is shown wrong.
+        self._trust = np.zeros(num_layers)
+        # Unsettled disagreements: pair id -> (demand's victim, lru's victim, layer scored), and each key's pair.
+        # A key is in at most one pair: a long-running pool holds at most layers * experts / 2 of them.
+        self._disagreements: dict[int, tuple[tuple[int, int], tuple[int, int], int]] = {}
+        self._disagreement_of: dict[tuple[int, int], int] = {}
+        self._next_disagreement = 0
+        # Evictions per rule followed: how often the forecast was trusted.
+        self.followed = {"demand": 0, "lru": 0}
 
     def resident(self, layer: int) -> set[int]:
         return set(self._resident[layer])
@@ -557,6 +594,7 @@ class ExpertFlowCache:
             for expert in experts:
                 soon.setdefault(int(expert), distance)
         protected = {(layer, expert) for expert in needed}
+        self._settle(layer, needed)
         loaded = []
         for expert in needed:
             if expert in self._resident[layer]:
@@ -567,7 +605,7 @@ class ExpertFlowCache:
                 continue
             stats.misses += 1
             if not self._has_room(layer):
-                victim = self._victim(layer, protected, soon)
+                victim = self._choose_victim(layer, protected, soon)
                 if victim is None:
                     raise RuntimeError(f"no evictable expert for layer {layer}: every resident one is needed now")
                 self._evict(victim)
@@ -578,7 +616,62 @@ class ExpertFlowCache:
         self._passes[layer] = self._passes[layer] * self._decay + 1.0
         self._uses[layer, needed] += 1.0
         self._last_use[layer, needed] = self._tick
+        self._recent[layer, needed] = self._tick
         return loaded
+
+    def _choose_victim(
+        self, layer: int, protected: set[tuple[int, int]], soon: Mapping[int, int]
+    ) -> tuple[int, int] | None:
+        """The victim of a demand miss under ``eviction``; ``adaptive`` keeps score of where its experts disagree.
+
+        The forecast's ranking is only as good as the forecast, and how good that is depends
+        on the workload (one request's decode steps are harder to predict than a batch's
+        union), so no fixed blend suits every trace. Whenever the demand ranking and LRU pick
+        different victims, the pair is remembered; the first of the two keys to be needed
+        again shows which pick was wrong (Belady: the better victim is the one needed later),
+        whichever pick was followed. The layer (the pool, in global mode) follows the rule with
+        fewer wrong picks, each counting half after ``regret_half_life`` later settled pairs.
+        """
+        if self.eviction == "demand":
+            return self._victim(layer, protected, soon)
+        by_demand, by_lru = self._victims(layer, protected, soon)
+        if self.eviction == "lru" or by_demand is None:
+            return by_lru
+        if by_demand == by_lru:
+            self.followed["demand"] += 1
+            return by_demand
+        # Per layer, each layer is its own cache with its own forecast quality; one pool makes one
+        # decision across layers, so it keeps one score (row 0).
+        scope = layer if self.budget_mode == "per-layer" else 0
+        # A key already in an unsettled pair is the same counterfactual again (a key neither
+        # rule took stays resident and is proposed again): scoring it twice would overweight it.
+        if by_demand not in self._disagreement_of and by_lru not in self._disagreement_of:
+            pair = self._next_disagreement
+            self._next_disagreement += 1
+            self._disagreements[pair] = (by_demand, by_lru, scope)
+            self._disagreement_of[by_demand] = self._disagreement_of[by_lru] = pair
+        if self._trust[scope] >= 0:
+            self.followed["demand"] += 1
+            return by_demand
+        self.followed["lru"] += 1
+        return by_lru
+
+    def _settle(self, layer: int, needed: Sequence[int]) -> None:
+        """Score the disagreements a key of this pass settles: the rule that picked it as victim was wrong."""
+        if not self._disagreement_of:
+            return
+        now = {(layer, expert) for expert in needed}
+        for expert in needed:
+            pair = self._disagreement_of.pop((layer, expert), None)
+            if pair is None:
+                continue
+            by_demand, by_lru, scope = self._disagreements.pop(pair)
+            other = by_lru if (layer, expert) == by_demand else by_demand
+            self._disagreement_of.pop(other, None)
+            if other in now:
+                continue  # both needed at once: neither pick was the better one
+            # Demand's victim came back first: demand erred (and the other way round).
+            self._trust[scope] = self._trust[scope] * self._regret_decay + (-1.0 if other == by_lru else 1.0)
 
     def _may_need_this_step(self, layer: int, expert: int) -> bool:
         """Whether a layer still to run this step needs the key with probability above ``1 - prefetch_threshold``."""
@@ -609,19 +702,38 @@ class ExpertFlowCache:
         return ahead + num_layers / p
 
     def _victim(self, layer: int, protected: set[tuple[int, int]], soon: Mapping[int, int]) -> tuple[int, int] | None:
-        """The resident key to evict: farthest expected next use (``_next_use``), then least recently used.
+        """The demand ranking's victim: farthest expected next use (``_next_use``), then least recently used."""
+        return self._victims(layer, protected, soon, lru=False)[0]
 
-        Across layers it is vectorised: the live pool asks this once per load, over hundreds of residents.
+    def _victims(
+        self, layer: int, protected: set[tuple[int, int]], soon: Mapping[int, int], *, lru: bool = True
+    ) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+        """The victims of the demand ranking and (with ``lru``) of LRU among the same candidates.
+
+        Both keep the keys in ``soon`` (the step's later passes of this layer) over every
+        other, the nearest pass longest. Across layers it is vectorised: the live pool asks
+        this once per load, over hundreds of residents.
         """
         if self.budget_mode == "per-layer" or len(self._resident[layer]) >= self.layer_slots:
             # One layer's few residents: a plain loop is cheaper than numpy's per-call overhead.
             best: tuple[float, int, int] | None = None
+            oldest: tuple[int, int, int] | None = None
             for expert in self._resident[layer]:
-                if (layer, expert) not in protected:
-                    rank = (-self._next_use(layer, expert, soon), int(self._last_use[layer, expert]), expert)
-                    if best is None or rank < best:
-                        best = rank
-            return None if best is None else (layer, best[2])
+                if (layer, expert) in protected:
+                    continue
+                rank = (-self._next_use(layer, expert, soon), int(self._last_use[layer, expert]), expert)
+                if best is None or rank < best:
+                    best = rank
+                if lru:
+                    age = (
+                        (1, -soon[expert], expert) if expert in soon else (0, int(self._recent[layer, expert]), expert)
+                    )
+                    if oldest is None or age < oldest:
+                        oldest = age
+            return (
+                None if best is None else (layer, best[2]),
+                None if oldest is None else (layer, oldest[2]),
+            )
         candidates = self._is_resident.copy()
         # A layer may evict its own keys below the floor, never another layer's.
         at_floor = np.array([len(r) <= self.min_per_layer for r in self._resident])
@@ -631,14 +743,21 @@ class ExpertFlowCache:
             candidates[owner, expert] = False
         owners, experts = np.nonzero(candidates)
         if owners.size == 0:
-            return None
+            return None, None
         next_use = self._next_use_of(owners, experts)
+        later = np.zeros(owners.size)  # the pass of this step that needs the key; 0: none
         if soon:
             for index in np.flatnonzero((owners == layer) & np.isin(experts, list(soon))):
-                next_use[index] = soon[int(experts[index])] * 1e-6
+                later[index] = soon[int(experts[index])]
+                next_use[index] = later[index] * 1e-6
         # Farthest expected next use first; on ties the least recently used, then the lowest key.
         first = np.lexsort((experts, owners, self._last_use[owners, experts], -next_use))[0]
-        return int(owners[first]), int(experts[first])
+        by_demand = (int(owners[first]), int(experts[first]))
+        if not lru:
+            return by_demand, None
+        # Keys no later pass needs first, the least recently used of them; else the farthest pass's.
+        first = np.lexsort((experts, owners, self._recent[owners, experts], -later, later > 0))[0]
+        return by_demand, (int(owners[first]), int(experts[first]))
 
     def _next_use_of(self, layers: np.ndarray, experts: np.ndarray) -> np.ndarray:
         """``_next_use`` of many keys at once (without ``soon``), with the same arithmetic."""
@@ -654,6 +773,7 @@ class ExpertFlowCache:
     def _load(self, layer: int, expert: int) -> None:
         self._resident[layer].add(expert)
         self._is_resident[layer, expert] = True
+        self._recent[layer, expert] = self._tick
         self.stats[layer].loads += 1
         self.stats[layer].bytes_loaded += self.bytes_per_expert
 
