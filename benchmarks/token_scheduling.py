@@ -331,6 +331,8 @@ def main() -> int:
     parser.add_argument("--arrival-every", type=int, default=1, help="engine steps between arrivals (0: all at once)")
     parser.add_argument("--max-num-seqs", type=int, help=f"default per workload: {WORKLOAD_DEFAULTS}")
     parser.add_argument("--max-skip-steps", type=int, default=2, help="expertflow fairness limit K")
+    parser.add_argument("--min-run-fraction", type=float, default=0.5,
+                        help="expertflow's throughput bound (min_run_fraction: share of running requests run each step)")
     parser.add_argument("--max-overflow-ratio", default="0.25",
                         help="expertflow's hold-back rule (max_overflow_ratio; 'none': off)")
     parser.add_argument("--capacities", default="25,50,100", help="percent of the experts per layer")
@@ -401,7 +403,8 @@ def run_settings(args, topics: int | None) -> list[dict]:
         slots = max(top_k, num_experts * pct // 100)
         with tempfile.TemporaryDirectory() as trace_dir:
             offload = {"enabled": True, "cache_slots": slots, "scheduling": scheduling, "trace_dir": trace_dir,
-                       "max_skip_steps": args.max_skip_steps, "max_overflow_ratio": args.max_overflow_ratio}
+                       "max_skip_steps": args.max_skip_steps, "max_overflow_ratio": args.max_overflow_ratio,
+                       "min_run_fraction": args.min_run_fraction}
             cmd = [sys.executable, __file__, "--workload", args.workload, "--model", args.model,
                    "--topics", str(topics or 0), "--requests", str(args.requests),
                    "--max-tokens", str(args.max_tokens), "--arrival-every", str(args.arrival_every),
@@ -442,7 +445,8 @@ def live_table(rows: list[dict]) -> str:
 def live_header(args, topics: int | None) -> str:
     arrivals = f"one arrival every {args.arrival_every} step(s)" if args.arrival_every else "all arriving at once"
     header = (f"model `{Path(args.model).name}`, {args.requests} requests x {args.max_tokens} tokens, {arrivals}, "
-              f"max {args.max_num_seqs} running, K={args.max_skip_steps}, max_overflow_ratio {args.max_overflow_ratio}; "
+              f"max {args.max_num_seqs} running, K={args.max_skip_steps}, min_run_fraction {args.min_run_fraction:g}, "
+              f"max_overflow_ratio {args.max_overflow_ratio}; "
               f"CPU (2 cores, shared: wall-clock TPOT is noisy and expert copies cost almost nothing there). "
               f"TPOT steps: engine steps per generated token. Modeled TPOT, from the routing trace: each step "
               f"{args.replay_compute_ms:g} ms x layers/{args.replay_layers} of compute plus its expert loads at "

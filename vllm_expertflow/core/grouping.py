@@ -11,8 +11,9 @@ expert union is small, under three guarantees the caller can rely on:
 * priority: a request is never left out while a strictly less urgent one is scheduled;
 * throughput: at least ``min_fraction`` of the running requests run every step.
 
-numpy only, never vLLM (torch tensors are accepted where ids come in, without importing
-torch): the vLLM scheduler adapter calls it on the CPU once per step.
+numpy, never vLLM (torch tensors are accepted where ids come in, without importing torch);
+the per-step search loops are compiled (``bit_kernels``, numba). The vLLM scheduler adapter
+calls it on the CPU once per step.
 Bit layout shared by everything here: a signature is ``words: [moe_layers, W] uint64``
 with ``W = ceil(num_experts / 64)``; expert ``e`` of a layer is bit ``e % 64`` of word
 ``e // 64``, so a popcount over a layer's words counts its experts.
@@ -354,7 +355,7 @@ class GroupingConfig:
             raise ValueError(f"max_overflow_ratio must be in [0, 1] or None, got {self.max_overflow_ratio!r}")
 
 
-# Exact greedy (one request per pick, re-scored each time) costs ~n numpy passes; instead each
+# Exact greedy (one request per pick, re-scored each time) costs ~n passes over the pool; instead each
 # round re-scores the pool against the grown union and grows the selection at most _GROWTH-fold
 # (plus every request that adds nothing), so the first picks stay close to the seed and 256
 # requests take ~3 rounds. Batches ignore what their members share, so up to _SWAP_ROUNDS rounds
