@@ -181,8 +181,11 @@ def render_prompt(tokenizer, text: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def corpus_texts(questions, vocabulary) -> list[str]:
-    """Every string the tokenizer must cover: rendered open and MC prompts with all answers and letters."""
+def corpus_texts(questions, vocabulary, extra_texts=()) -> list[str]:
+    """Every string the tokenizer must cover: rendered open and MC prompts with all answers and letters.
+
+    ``extra_texts`` (another model's prompts and targets) come last, so without them the vocabulary and its
+    ids are those of the bundled toy model."""
     texts = []
     chat_bits = ["<|im_start|>user\n", "<|im_end|>\n", "<|im_start|>assistant\n", "<|im_start|>system\n",
                  "You are a helpful assistant."]  # fmt: skip
@@ -195,13 +198,14 @@ def corpus_texts(questions, vocabulary) -> list[str]:
     for letter in LETTERS + "E":
         texts += [letter, f"{letter}. x\n", f"({letter})"]
     texts += [MC_INSTRUCTION, VQA_SUFFIX, "Picture 1: ", "Video 1: ", "\n\n", " "]
+    texts += list(extra_texts)
     # every word with and without a leading space, so a question reworded by a harness stays in vocabulary
     words = sorted({w for t in texts for w in re.findall(r"[A-Za-z']+", t)})
     texts += [w for w in words] + [" " + w for w in words]
     return texts
 
 
-def build_tokenizer(questions, vocabulary):
+def build_tokenizer(questions, vocabulary, extra_texts=()):
     """Word-level tokenizer (byte-level pre-tokenisation, so text round-trips exactly) with Qwen3-VL's specials."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -212,7 +216,7 @@ def build_tokenizer(questions, vocabulary):
     # Single bytes too, so whitespace/punctuation never maps to <unk>.
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.WordLevelTrainer(vocab_size=100000, min_frequency=1, special_tokens=SPECIAL_TOKENS)
-    tok.train_from_iterator(corpus_texts(questions, vocabulary) + sorted(alphabet), trainer=trainer)
+    tok.train_from_iterator(corpus_texts(questions, vocabulary, extra_texts) + sorted(alphabet), trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         unk_token="<unk>",

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Build the study model ``models/study-qwen3-vl-moe`` on CPU: a Qwen3-VL-MoE shaped like the MoE-VLMs people
+run (128 experts, top-8, 6 MoE layers), answering easy-vqa directly or with a short rationale.
+
+It is grown from the bundled toy model (``scripts/study_model/upcycle.py`` says how) and fine-tuned on easy-vqa's
+train split in both regimes (``vllm_expertflow/eval/prompts.py``) and both forms (open, multiple choice).
+
+    python scripts/train_study_vlm.py train --out models/study-qwen3-vl-moe     # about an hour on 2 cores
+    python scripts/train_study_vlm.py eval-vllm --model models/study-qwen3-vl-moe --limit 500 --update-card
+
+Run from the repository root (``nice -n 19`` on shared machines). Deterministic given ``--seed`` and
+``--threads`` (``torch.use_deterministic_algorithms``); other thread counts or torch versions may differ.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from study_model import data as study_data  # noqa: E402
+from study_model import evaluate, loop, upcycle  # noqa: E402
+from study_model.data import toy  # noqa: E402
+
+TOY_MODEL = Path(__file__).resolve().parents[1] / "models" / "toy-qwen3-vl-moe"
+
+
+def cmd_train(args) -> None:
+    toy.setup_torch(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    log_path = out_dir / "training_log.txt"
+    log_lines: list[str] = []
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+        log_lines.append(msg)
+        log_path.write_text("\n".join(log_lines) + "\n")
+
+    t_start = time.time()
+    old_model, old_processor = toy.load_for_eval(str(args.base), "float32")
+    data = study_data.TrainingData(args.seed, args.rationale_fraction, args.mc_fraction)
+    tokenizer = toy.build_tokenizer(
+        data.questions, data.vocabulary,
+        extra_texts=study_data.extra_tokenizer_texts(data.questions, data.vocabulary, data.colors),
+    )  # fmt: skip
+    processor = toy.build_processor(tokenizer)
+    config = toy.build_config(tokenizer)
+    upcycle.study_text_shape(config.text_config, args.experts, args.top_k, args.moe_intermediate)
+    model = toy.new_model(config, seed=args.seed)
+    model.set_experts_implementation(args.experts_implementation)
+    copied = upcycle.upcycle(old_model, old_processor.tokenizer, model, tokenizer, seed=args.seed)
+    del old_model
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"study model: {n_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}, {copied}")
+    encoder = toy.Encoder(tokenizer, processor.image_processor)
+    monitor_items = study_data.test_items(args.monitor_limit, seed=1)
+    history = []
+
+    def monitor(step: int) -> None:
+        t = time.time()
+        row = {"step": step, "seconds": round(t - t_train)}
+        for regime in ("direct", "rationale"):
+            r = evaluate.evaluate_hf(model, encoder, monitor_items, regime)
+            row[regime] = {"open": r["open"]["all"], "mc": r["mc"]["all"], "parsable": r["parsable"]}
+        history.append(row)
+        log(f"monitor {json.dumps(row)} ({time.time() - t:.0f}s)")
+        if step:
+            toy.save_checkpoint(model, processor, out_dir, "bfloat16")
+            log(f"checkpoint saved at step {step}")
+
+    t_train = time.time()
+    monitor(0)
+    seconds = loop.train(model, encoder, data, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
+                         vision_lr_mult=args.vision_lr_mult, log=log, every=args.monitor_every,
+                         on_every=monitor)  # fmt: skip
+    log(f"fine-tuning: {args.steps} steps in {seconds:.0f}s")
+    model.eval()
+    toy.save_checkpoint(model, processor, out_dir, "bfloat16")
+    stats = {
+        "parameters": n_params,
+        "upcycled_from": str(args.base),
+        "upcycling": copied,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "warmup": args.warmup,
+        "vision_lr_mult": args.vision_lr_mult,
+        "rationale_fraction": args.rationale_fraction,
+        "mc_fraction": args.mc_fraction,
+        "threads": args.threads,
+        "seed": args.seed,
+        "train_seconds": round(seconds),
+        "total_seconds": round(time.time() - t_start),
+        "monitor": history,
+        "command": " ".join(["python"] + sys.argv),
+    }
+    (out_dir / "training_stats.json").write_text(json.dumps(stats, indent=1))
+    log(f"saved {out_dir} ({toy.dir_size_mb(out_dir):.2f} MB) in {time.time() - t_start:.0f}s")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    tr = sub.add_parser("train", help="upcycle the toy model and fine-tune it in both regimes")
+    tr.add_argument("--out", default="models/study-qwen3-vl-moe")
+    tr.add_argument("--base", default=str(TOY_MODEL), help="the trained toy model to grow from")
+    tr.add_argument("--experts", type=int, default=128)
+    tr.add_argument("--top-k", type=int, default=8)
+    tr.add_argument("--moe-intermediate", type=int, default=32)
+    tr.add_argument("--steps", type=int, default=1000)
+    tr.add_argument("--batch", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=5e-4)
+    tr.add_argument("--warmup", type=int, default=50)
+    tr.add_argument("--vision-lr-mult", type=float, default=0.3)
+    tr.add_argument("--rationale-fraction", type=float, default=0.5)
+    tr.add_argument("--mc-fraction", type=float, default=0.4)
+    tr.add_argument("--monitor-every", type=int, default=200)
+    tr.add_argument("--monitor-limit", type=int, default=48)
+    tr.add_argument("--threads", type=int, default=1)
+    tr.add_argument("--seed", type=int, default=toy.SEED)
+    tr.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "eager"])
+    tr.set_defaults(fn=cmd_train)
+    args = parser.parse_args(argv)
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
