@@ -2,7 +2,7 @@
 """Build the study model ``models/study-qwen3-vl-moe`` on CPU: a Qwen3-VL-MoE shaped like the MoE-VLMs people
 run (128 experts, top-8, 6 MoE layers), answering easy-vqa directly or with a short rationale.
 
-It is grown from the bundled toy model (``scripts/study_model/upcycle.py`` says how) and fine-tuned on easy-vqa's
+It is grown from the bundled toy model (``scripts/vlm_training/upcycle.py`` says how) and fine-tuned on easy-vqa's
 train split in both regimes (``vllm_expertflow/eval/prompts.py``) and both forms (open, multiple choice).
 
     python scripts/train_study_vlm.py train --out models/study-qwen3-vl-moe     # about an hour on 2 cores
@@ -23,15 +23,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from study_model import data as study_data  # noqa: E402
-from study_model import evaluate, loop, upcycle  # noqa: E402
-from study_model.data import toy  # noqa: E402
+from vlm_training import build, card, evaluate, loop, study_data, upcycle  # noqa: E402
 
 TOY_MODEL = Path(__file__).resolve().parents[1] / "models" / "toy-qwen3-vl-moe"
 
 
 def cmd_train(args) -> None:
-    toy.setup_torch(args.threads)
+    build.setup_torch(args.threads)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "training_log.txt"
@@ -43,22 +41,22 @@ def cmd_train(args) -> None:
         log_path.write_text("\n".join(log_lines) + "\n")
 
     t_start = time.time()
-    old_model, old_processor = toy.load_for_eval(str(args.base), "float32")
+    old_model, old_processor = build.load_for_eval(str(args.base), "float32")
     data = study_data.TrainingData(args.seed, args.rationale_fraction, args.mc_fraction)
-    tokenizer = toy.build_tokenizer(
+    tokenizer = build.build_tokenizer(
         data.questions, data.vocabulary,
         extra_texts=study_data.extra_tokenizer_texts(data.questions, data.vocabulary, data.colors),
     )  # fmt: skip
-    processor = toy.build_processor(tokenizer)
-    config = toy.build_config(tokenizer)
+    processor = build.build_processor(tokenizer)
+    config = build.build_config(tokenizer)
     upcycle.study_text_shape(config.text_config, args.experts, args.top_k, args.moe_intermediate)
-    model = toy.new_model(config, seed=args.seed)
+    model = build.new_model(config, seed=args.seed)
     model.set_experts_implementation(args.experts_implementation)
     copied = upcycle.upcycle(old_model, old_processor.tokenizer, model, tokenizer, seed=args.seed)
     del old_model
     n_params = sum(p.numel() for p in model.parameters())
     log(f"study model: {n_params / 1e6:.2f} M parameters, vocabulary {len(tokenizer)}, {copied}")
-    encoder = toy.Encoder(tokenizer, processor.image_processor)
+    encoder = build.Encoder(tokenizer, processor.image_processor)
     monitor_items = study_data.test_items(args.monitor_limit, seed=1)
     history = []
 
@@ -71,7 +69,7 @@ def cmd_train(args) -> None:
         history.append(row)
         log(f"monitor {json.dumps(row)} ({time.time() - t:.0f}s)")
         if step:
-            toy.save_checkpoint(model, processor, out_dir, "bfloat16")
+            build.save_checkpoint(model, processor, out_dir, "bfloat16")
             log(f"checkpoint saved at step {step}")
 
     t_train = time.time()
@@ -81,7 +79,7 @@ def cmd_train(args) -> None:
                          on_every=monitor)  # fmt: skip
     log(f"fine-tuning: {args.steps} steps in {seconds:.0f}s")
     model.eval()
-    toy.save_checkpoint(model, processor, out_dir, "bfloat16")
+    build.save_checkpoint(model, processor, out_dir, "bfloat16")
     stats = {
         "parameters": n_params,
         "upcycled_from": str(args.base),
@@ -101,7 +99,46 @@ def cmd_train(args) -> None:
         "command": " ".join(["python"] + sys.argv),
     }
     (out_dir / "training_stats.json").write_text(json.dumps(stats, indent=1))
-    log(f"saved {out_dir} ({toy.dir_size_mb(out_dir):.2f} MB) in {time.time() - t_start:.0f}s")
+    log(f"saved {out_dir} ({build.dir_size_mb(out_dir):.2f} MB) in {time.time() - t_start:.0f}s")
+
+
+def cmd_eval(args) -> None:
+    """vLLM accuracy per regime (bf16) and routing statistics (transformers); writes evaluation.json and the card."""
+    import torch
+    from transformers import AutoConfig
+
+    model_dir = Path(args.model)
+    items = study_data.test_items(args.limit, seed=0)
+    result = {"vllm": evaluate.evaluate_vllm(str(model_dir), items, args.dtype)}
+    for regime in ("direct", "rationale"):
+        r = result["vllm"][regime]
+        print(f"{regime}: open {r['open']} | circular {r['circular']} | parsable {r['parsable']}", flush=True)
+    result["command"] = " ".join(["python"] + sys.argv)
+    out_json = Path(args.json) if args.json else model_dir / "evaluation.json"
+    if args.routing_limit == 0:
+        out_json.write_text(json.dumps(result, indent=1))
+        return
+    build.setup_torch(args.threads)
+    torch.use_deterministic_algorithms(False)
+    model, processor = build.load_for_eval(str(model_dir), "float32")
+    model.set_experts_implementation("grouped_mm")
+    encoder = build.Encoder(processor.tokenizer, processor.image_processor)
+    routing_items = study_data.test_items(args.routing_limit, seed=2)
+    sets = evaluate.question_expert_sets(model, encoder, routing_items)
+    routing = evaluate.routing_statistics(sets, [it.kind for it in routing_items], model.config.text_config.num_experts)
+    routing["questions"] = len(routing_items)
+    routing["mean_set_size"] = sum(len(s) for layer in sets.values() for s in layer) / sum(
+        len(layer) for layer in sets.values()
+    )
+    result["routing"] = routing
+    print(f"routing: {routing}", flush=True)
+    out_json.write_text(json.dumps(result, indent=1))
+    if args.update_card:
+        training = json.loads((model_dir / "training_stats.json").read_text())
+        config = AutoConfig.from_pretrained(model_dir)
+        text = card.render(config, training, result["vllm"], routing, build.dir_size_mb(model_dir), result["command"])
+        (model_dir / "README.md").write_text(text)
+        print(f"wrote {model_dir / 'README.md'}")
 
 
 def main(argv=None) -> None:
@@ -123,9 +160,18 @@ def main(argv=None) -> None:
     tr.add_argument("--monitor-every", type=int, default=200)
     tr.add_argument("--monitor-limit", type=int, default=48)
     tr.add_argument("--threads", type=int, default=1)
-    tr.add_argument("--seed", type=int, default=toy.SEED)
+    tr.add_argument("--seed", type=int, default=build.SEED)
     tr.add_argument("--experts-implementation", default="grouped_mm", choices=["grouped_mm", "eager"])
     tr.set_defaults(fn=cmd_train)
+    ev = sub.add_parser("eval-vllm", help="accuracy through vLLM per regime, routing statistics, model card")
+    ev.add_argument("--model", default="models/study-qwen3-vl-moe")
+    ev.add_argument("--limit", type=int, default=500)
+    ev.add_argument("--routing-limit", type=int, default=300, help="0: skip the routing statistics")
+    ev.add_argument("--json", help="where to write the results (default: MODEL/evaluation.json)")
+    ev.add_argument("--dtype", default="bfloat16")
+    ev.add_argument("--threads", type=int, default=1)
+    ev.add_argument("--update-card", action="store_true")
+    ev.set_defaults(fn=cmd_eval)
     args = parser.parse_args(argv)
     args.fn(args)
 

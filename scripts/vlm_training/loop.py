@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
 import torch
 
-from .data import TrainingData
+from .study_data import TrainingData
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 5% of ``base``."""
     if step < warmup:
         return base * (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
-    return base * (0.05 + 0.95 * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * progress)).item()))
+    return base * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train(model, encoder, data: TrainingData, *, steps: int, batch: int, lr: float, warmup: int,

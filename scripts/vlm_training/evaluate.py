@@ -12,7 +12,8 @@ import torch
 
 from vllm_expertflow.eval import prompts
 
-from .data import TestItem, prompt_for, toy
+from . import generation
+from .study_data import TestItem, prompt_for
 
 CIRCULAR_SHIFTS = 4
 
@@ -27,7 +28,7 @@ def prediction_correct(pred: str, item: TestItem, regime: str, options: tuple[st
         return False
     if options is None:
         return final.strip().lower() == item.answer
-    letter = toy.extract_letter(final)
+    letter = generation.extract_letter(final)
     return letter is not None and options[ord(letter) - ord("A")] == item.answer
 
 
@@ -72,7 +73,7 @@ def evaluate_hf(model, encoder, items: list[TestItem], regime: str, batch_size: 
     reqs = requests_for(items, regime, circular=False)
     was_training = model.training
     model.eval()
-    preds = toy.generate_answers(model, encoder, [r[2] for r in reqs], [r[0].path for r in reqs], batch_size,
+    preds = generation.generate_answers(model, encoder, [r[2] for r in reqs], [r[0].path for r in reqs], batch_size,
                                  max_new_tokens=prompts.MAX_TOKENS[regime])  # fmt: skip
     model.train(was_training)
     return score(reqs, preds, regime)
@@ -99,4 +100,59 @@ def routing_statistics(expert_sets: dict[int, list[set[int]]], kinds: list[str],
                 (within if kinds[i] == kinds[j] else across).append(jac)
         out["jaccard_within"].append(round(sum(within) / max(1, len(within)), 3))
         out["jaccard_across"].append(round(sum(across) / max(1, len(across)), 3))
+    return out
+
+
+def question_expert_sets(model, encoder, items: list[TestItem], regime: str = "direct",
+                         batch_size: int = 32) -> dict[int, list[set[int]]]:
+    """Per layer, per question: the experts its open-form prompt's prefill routes to (transformers)."""
+    layers = model.model.language_model.layers
+    sets: dict[int, list[set[int]]] = {i: [] for i in range(len(layers))}
+    current = {}
+
+    def hook(layer_idx):
+        def fn(module, inputs, output):
+            _, _, chosen = output  # router_logits, scores, indices [rows * seq, k]
+            rows = current["mask"].shape[0]
+            chosen = chosen.reshape(rows, -1, chosen.shape[-1])
+            for r in range(rows):
+                sets[layer_idx].append(set(chosen[r][current["mask"][r]].reshape(-1).tolist()))
+
+        return fn
+
+    handles = [layer.mlp.gate.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
+    model.eval()
+    try:
+        texts = [prompt_for(it.question, None, regime) for it in items]
+        with torch.no_grad():
+            for s in range(0, len(texts), batch_size):
+                b = encoder.gen_batch(texts[s : s + batch_size], [it.path for it in items[s : s + batch_size]])
+                current["mask"] = b["attention_mask"].bool()
+                b["pixel_values"] = b["pixel_values"].to(model.dtype)
+                model(**b)
+    finally:
+        for h in handles:
+            h.remove()
+    return sets
+
+
+def evaluate_vllm(model_dir: str, items: list[TestItem], dtype: str = "bfloat16") -> dict:
+    """Greedy accuracy through vLLM per regime: open, MC (first rotation) and CircularEval, per answer kind."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    llm = generation.make_llm(model_dir, dtype, max_model_len=320)
+    out = {"dtype": dtype, "questions": len(items)}
+    for regime in prompts.REGIMES:
+        reqs = requests_for(items, regime, circular=True)
+        start = time.time()
+        preds, token_ids = generation.vllm_generate(llm, tokenizer, [r[2] for r in reqs], [r[0].path for r in reqs],
+                                             prompts.MAX_TOKENS[regime])  # fmt: skip
+        result = score(reqs, preds, regime)
+        result["seconds"] = round(time.time() - start, 1)
+        result["mean_generated_tokens"] = round(sum(len(t) for t in token_ids) / len(token_ids), 1)
+        result["examples"] = [{"prompt": r[2], "prediction": p} for r, p in list(zip(reqs, preds, strict=True))[:: max(1, len(reqs) // 4)]]
+        out[regime] = result
     return out

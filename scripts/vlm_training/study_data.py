@@ -9,17 +9,12 @@ style, 4 options). The rationale names the image's shape and colour, read off th
 from __future__ import annotations
 
 import random
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vllm_expertflow.eval import prompts
 
-import train_toy_vlm as toy  # noqa: E402  (the data helpers both models share)
-
-from vllm_expertflow.eval import prompts  # noqa: E402
-
-LETTERS = "ABCD"
+from . import easy_vqa_data
+from .easy_vqa_data import LETTERS
 
 
 @dataclass(frozen=True)
@@ -40,7 +35,7 @@ def target_for(answer: str, options, regime: str, shape: str | None, color: str 
     letter = None if options is None else LETTERS[list(options).index(answer)]
     if regime == "direct":
         return answer if letter is None else letter
-    return prompts.rationale_text(shape, color, toy.answer_kind(answer), answer, letter)
+    return prompts.rationale_text(shape, color, easy_vqa_data.answer_kind(answer), answer, letter)
 
 
 def extra_tokenizer_texts(questions, vocabulary, colors) -> list[str]:
@@ -48,11 +43,11 @@ def extra_tokenizer_texts(questions, vocabulary, colors) -> list[str]:
     texts = [prompts.RATIONALE_OPEN_SUFFIX, prompts.RATIONALE_MC_INSTRUCTION]
     for q in sorted(set(questions)):
         texts += [prompts.open_prompt(q, "rationale"), prompts.mc_prompt(q, sorted(vocabulary)[:4], "rationale")]
-    for shape in toy.SHAPES:
+    for shape in easy_vqa_data.SHAPES:
         for color in colors:
             for answer in vocabulary:
                 for letter in (None, *LETTERS):
-                    texts.append(prompts.rationale_text(shape, color, toy.answer_kind(answer), answer, letter))
+                    texts.append(prompts.rationale_text(shape, color, easy_vqa_data.answer_kind(answer), answer, letter))
     return texts
 
 
@@ -62,10 +57,10 @@ class TrainingData:
     def __init__(self, seed: int, rationale_fraction: float, mc_fraction: float):
         import easy_vqa
 
-        self.questions, self.answers, self.image_ids, self.paths = toy.load_split("train")
+        self.questions, self.answers, self.image_ids, self.paths = easy_vqa_data.load_split("train")
         self.vocabulary = list(easy_vqa.get_answers())
-        labelled, shape_of, color_of, self.colors = toy.image_labels(self.questions, self.answers, self.image_ids)
-        self.shape = {i: toy.SHAPES[shape_of[i]] for i in labelled}
+        labelled, shape_of, color_of, self.colors = easy_vqa_data.image_labels(self.questions, self.answers, self.image_ids)
+        self.shape = {i: easy_vqa_data.SHAPES[shape_of[i]] for i in labelled}
         self.color = {i: self.colors[color_of[i]] for i in labelled}
         self.rng = random.Random(seed)
         self.rationale_fraction = rationale_fraction
@@ -79,7 +74,7 @@ class TrainingData:
             regime = "rationale"
         options = None
         if self.rng.random() < self.mc_fraction:
-            options = toy.mc_options(a, self.vocabulary, self.rng, same_kind_first=self.rng.random() < 0.7)
+            options = easy_vqa_data.mc_options(a, self.vocabulary, self.rng, same_kind_first=self.rng.random() < 0.7)
         return Sample(
             prompt_for(q, options, regime),
             target_for(a, options, regime, self.shape.get(image), self.color.get(image)),
@@ -110,7 +105,7 @@ class TestItem:
 def test_items(limit: int | None, seed: int = 0) -> list[TestItem]:
     """easy-vqa test questions (all, or a seeded sample) with the MC options the project's converter builds."""
     return [
-        TestItem(it["index"], it["question"], it["answer"], toy.answer_kind(it["answer"]), it["path"],
+        TestItem(it["index"], it["question"], it["answer"], easy_vqa_data.answer_kind(it["answer"]), it["path"],
                  tuple(it["options"]), it["letter"])
-        for it in toy.test_items(limit, seed)
+        for it in easy_vqa_data.test_items(limit, seed)
     ]  # fmt: skip
