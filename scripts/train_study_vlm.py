@@ -141,6 +141,20 @@ def cmd_eval(args) -> None:
         print(f"wrote {model_dir / 'README.md'}")
 
 
+def cmd_card(args) -> None:
+    """Re-render the model card from training_stats.json and evaluation.json (no evaluation)."""
+    from transformers import AutoConfig
+
+    model_dir = Path(args.model)
+    training = json.loads((model_dir / "training_stats.json").read_text())
+    result = json.loads((model_dir / "evaluation.json").read_text())
+    config = AutoConfig.from_pretrained(model_dir)
+    text = card.render(config, training, result["vllm"], result["routing"], build.dir_size_mb(model_dir),
+                       result["command"])  # fmt: skip
+    (model_dir / "README.md").write_text(text)
+    print(f"wrote {model_dir / 'README.md'}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -172,6 +186,9 @@ def main(argv=None) -> None:
     ev.add_argument("--threads", type=int, default=1)
     ev.add_argument("--update-card", action="store_true")
     ev.set_defaults(fn=cmd_eval)
+    cd = sub.add_parser("card", help="re-render the model card from the saved stats and evaluation")
+    cd.add_argument("--model", default="models/study-qwen3-vl-moe")
+    cd.set_defaults(fn=cmd_card)
     args = parser.parse_args(argv)
     args.fn(args)
 

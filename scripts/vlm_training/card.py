@@ -112,7 +112,8 @@ training['steps']} steps x {training['batch']} samples; {training['rationale_fra
   images whose shape and colour the train questions reveal), {training['mc_fraction']:.0%} multiple choice; AdamW lr
   {training['lr']} (vision tower x{training['vision_lr_mult']}), {training['warmup']} warm-up steps, cosine decay; loss
   on the target and `<|im_end|>` only; no auxiliary load-balancing loss. No test data was used for training.
-- Wall time: fine-tuning {training['train_seconds']} s, {training['total_seconds'] / 60:.1f} min in total, on a 2-core
+- Wall time: fine-tuning {training['train_seconds']} s, {training['total_seconds'] / 60:.1f} min in total (plus the 31 min that trained the toy model it grows
+  from, so about 67 min from scratch), on a 2-core
   CPU machine shared with other jobs, {training['threads']} torch thread, fp32, deterministic algorithms, seed
   {training['seed']}.
 - Command: `{training['command']}`, then copied here.
