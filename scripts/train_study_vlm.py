@@ -73,7 +73,8 @@ def cmd_train(args) -> None:
             log(f"checkpoint saved at step {step}")
 
     t_train = time.time()
-    monitor(0)
+    if args.monitor_every:
+        monitor(0)
     seconds = loop.train(model, encoder, data, steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup,
                          vision_lr_mult=args.vision_lr_mult, log=log, every=args.monitor_every,
                          on_every=monitor)  # fmt: skip

@@ -19,7 +19,7 @@ MAX_MB = 40.0
 
 def test_study_model_shape_and_size():
     config = json.loads((MODEL / "config.json").read_text())["text_config"]
-    assert config["num_experts"] >= 64 and config["num_experts_per_tok"] >= 6, config
+    assert config["num_local_experts"] >= 64 and config["num_experts_per_tok"] >= 6, config
     moe_layers = [i for i in range(config["num_hidden_layers"]) if i not in config.get("mlp_only_layers", [])]
     assert len(moe_layers) >= 6 and config.get("decoder_sparse_step", 1) == 1, config
     size_mb = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file()) / 1e6
