@@ -52,14 +52,13 @@ from tqdm import tqdm
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from vllm_expertflow.core.predictor_eval import evaluate_predictor, split_requests  # noqa: E402
 from vllm_expertflow.core.predictors import (  # noqa: E402
     DemandForecast,
     FrequencyPredictor,
     HistoryPredictor,
     RoutingPathPredictor,
-    evaluate_predictor,
     multi_hot,
-    split_requests,
 )
 from vllm_expertflow.core.simulate import simulate  # noqa: E402
 from vllm_expertflow.core.trace import RoutingTrace, read_trace  # noqa: E402

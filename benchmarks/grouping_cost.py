@@ -40,8 +40,8 @@ from vllm_expertflow.core.grouping import (  # noqa: E402
     ExpertSignature,
     GroupingConfig,
     RequestView,
-    hamming_two_way_split,
 )
+from vllm_expertflow.core.two_way_split import hamming_two_way_split  # noqa: E402
 
 TOPIC_EXPERTS = 16  # experts per layer a topic prefers
 

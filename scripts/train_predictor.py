@@ -23,13 +23,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from vllm_expertflow.core.predictor_eval import evaluate_predictor, split_requests  # noqa: E402
 from vllm_expertflow.core.predictors import (  # noqa: E402
     FrequencyPredictor,
     HistoryPredictor,
     RoutingPathPredictor,
     StepPredictor,
-    evaluate_predictor,
-    split_requests,
 )
 from vllm_expertflow.core.trace import RoutingTrace, read_trace  # noqa: E402
 

@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.core.test_simulate import make_trace
+from vllm_expertflow.core.expertflow_policy import ExpertFlowCache
 from vllm_expertflow.core.predictors import DemandForecast, HistoryPredictor, RoutingPathPredictor, multi_hot
-from vllm_expertflow.core.simulate import ExpertFlowCache, _step_passes, layer_passes, simulate
+from vllm_expertflow.core.simulate import _step_passes, layer_passes, simulate
 from vllm_expertflow.core.trace import TraceWriter
 from vllm_expertflow.simulate import main as cli_main
 

@@ -10,11 +10,11 @@ from vllm_expertflow.core.grouping import (
     ExpertSignature,
     GroupingConfig,
     RequestView,
-    hamming_two_way_split,
 )
 from vllm_expertflow.core.policies import make_policy
 from vllm_expertflow.core.slot_cache import plan_passes
 from vllm_expertflow.core.slot_map import SlotMap
+from vllm_expertflow.core.two_way_split import hamming_two_way_split
 
 LAYERS, EXPERTS = 4, 16
 

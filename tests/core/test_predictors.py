@@ -2,17 +2,16 @@ import numpy as np
 import pytest
 import torch
 
+from vllm_expertflow.core.predictor_eval import evaluate_predictor, split_requests
 from vllm_expertflow.core.predictors import (
     DemandForecast,
     FrequencyPredictor,
     HistoryPredictor,
     LookaheadPredictor,
     RoutingPathPredictor,
-    evaluate_predictor,
     make_predictor,
     multi_hot,
     position_buckets,
-    split_requests,
     step_demand,
 )
 from vllm_expertflow.core.trace import RoutingTrace

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from vllm_expertflow.core.expert_store import ExpertStore
-from vllm_expertflow.core.simulate import ExpertFlowCache
+from vllm_expertflow.core.expertflow_policy import ExpertFlowCache
 from vllm_expertflow.core.slot_cache import ExpertKernel, plan_passes, run_in_passes
 from vllm_expertflow.core.slot_map import LayerCacheStats
 
