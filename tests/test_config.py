@@ -50,21 +50,21 @@ def test_non_positive_or_malformed_sizes(raw):
 def test_slots_below_top_k_name_the_valid_range():
     config = parse(enabled=True, cache_slots=1)
     with pytest.raises(ExpertOffloadConfigError, match=r"cache_slots=1 is below the model's top_k=2.*2\.\.16"):
-        config.slots_per_layer(num_experts=16, top_k=2, bytes_per_expert=1000, num_moe_layers=4)
+        config.plan_slots(num_experts=16, top_k=2, bytes_per_expert=1000, num_moe_layers=4)
 
 
 def test_budget_below_top_k_names_the_minimum_gb():
     per_expert = 3 * 1024**2  # 3 MiB
     config = parse(enabled=True, cache_gb=0.01)
     with pytest.raises(ExpertOffloadConfigError, match=r"the minimum is 0\.09375 GB"):
-        config.slots_per_layer(num_experts=16, top_k=2, bytes_per_expert=per_expert, num_moe_layers=16)
+        config.plan_slots(num_experts=16, top_k=2, bytes_per_expert=per_expert, num_moe_layers=16)
 
 
 def test_budget_is_shared_over_layers_and_slots_are_clamped():
     per_expert = 1024**2
     config = parse(enabled=True, cache_gb=1.0)
-    assert config.slots_per_layer(num_experts=64, top_k=2, bytes_per_expert=per_expert, num_moe_layers=32) == 32
-    assert parse(enabled=True, cache_slots=99).slots_per_layer(
+    assert config.plan_slots(num_experts=64, top_k=2, bytes_per_expert=per_expert, num_moe_layers=32) == 32
+    assert parse(enabled=True, cache_slots=99).plan_slots(
         num_experts=16, top_k=2, bytes_per_expert=1, num_moe_layers=1) == 16
 
 
@@ -99,3 +99,18 @@ def test_scheduling_knobs_are_checked_and_reach_the_grouper_settings():
         ExpertOffloadConfig.from_additional_config({"expert_offload": {"min_run_fraction": 0}})
     with pytest.raises(ExpertOffloadConfigError, match=r"max_overflow_ratio must be in \[0, 1\] or null.*got 2\.0"):
         ExpertOffloadConfig.from_additional_config({"expert_offload": {"max_overflow_ratio": 2}})
+
+
+def test_the_engine_rebuilds_the_front_ends_config_without_parsing_again():
+    front = parse(enabled=True, cache_gb=1.0, max_overflow_ratio="none").resolved(slots_per_layer=6)
+    serialized = front.to_serialized()
+    assert ExpertOffloadConfig.from_serialized({"expert_offload": serialized}) == front
+    assert ExpertOffloadConfig.from_serialized(None) == ExpertOffloadConfig()
+    assert front.groups_requests(num_experts=16) and not front.groups_requests(num_experts=6)
+    assert not front.resolved(None).groups_requests(num_experts=16)  # not resolved: never groups
+    # A raw user dict reaching the engine means the front end's checks never ran: refuse it.
+    with pytest.raises(ExpertOffloadConfigError, match="without the front end's startup checks"):
+        ExpertOffloadConfig.from_serialized({"expert_offload": {"enabled": True, "cache_slots": 4}})
+    # What the front end resolves is not a user setting.
+    with pytest.raises(ExpertOffloadConfigError, match=r"unknown expert_offload key\(s\) \['slots_per_layer'\]"):
+        parse(enabled=True, cache_slots=4, slots_per_layer=4)

@@ -21,6 +21,14 @@ def get_expert_cache_stats(llm: Any) -> dict[str, Any]:
     return _get(llm)
 
 
+def get_scheduling_stats(llm: Any) -> dict[str, Any] | None:
+    """The expert-aware scheduler's per-step record of an offline ``vllm.LLM`` built in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``): grouping time and held-back requests per grouped step."""
+    from vllm_expertflow.vllm_adapter.scheduler import get_scheduling_stats as _get
+
+    return _get(llm)
+
+
 def flush_expert_trace(llm: Any) -> None:
     """Write the routing steps an offline ``vllm.LLM`` has buffered to its ``trace_dir``."""
     llm.collective_rpc("expertflow_flush_trace")

@@ -1,9 +1,12 @@
 """The one configuration object of expert offload.
 
-It is parsed and validated once, at startup, from ``additional_config["expert_offload"]``
-(the CLI flags write into that dict); everything else receives an
-:class:`ExpertOffloadConfig` and never re-reads raw dicts. This module imports neither
-torch nor vLLM so the front end can validate before any model is built.
+It is parsed and validated once, in the front end, from ``additional_config["expert_offload"]``
+(the CLI flags write into that dict). The front end then resolves the slots per MoE layer
+from the model (``plan_slots``) and writes the result back as the config's one serialised
+form (``to_serialized``); the engine core and the workers rebuild the object from it
+(``from_serialized``, no second parse or validation) and never re-read the user's dict.
+This module imports neither torch nor vLLM so the front end can validate before any model
+is built.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class ExpertOffloadConfig:
     max_overflow_ratio: float | None = 0.25
     prefetch: str = "none"  # none | lookahead | predictor
     predictor_path: str | None = None  # a RoutingPathPredictor.save file; required iff prefetch == "predictor"
+    # Resolved by the front end from cache_slots / cache_gb and the model (plan_slots); not a user setting.
+    slots_per_layer: int | None = None
 
     @classmethod
     def from_additional_config(cls, additional_config: Mapping[str, Any] | None) -> ExpertOffloadConfig:
@@ -71,7 +76,7 @@ class ExpertOffloadConfig:
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ExpertOffloadConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} - set(_RESOLVED_FIELDS)
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ExpertOffloadConfigError(
@@ -154,15 +159,48 @@ class ExpertOffloadConfig:
             )
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings that ``from_dict`` turns back into this config (None kept where it is not the default)."""
+        """The user settings that ``from_dict`` turns back into this config (None kept where it is not the default)."""
         return {
             f.name: getattr(self, f.name)
             for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not None or f.default is not None
+            if f.name not in _RESOLVED_FIELDS and (getattr(self, f.name) is not None or f.default is not None)
         }
 
-    def slots_per_layer(self, *, num_experts: int, top_k: int, bytes_per_expert: int, num_moe_layers: int) -> int:
-        """Slots each MoE layer gets, checked against what a lossless cache needs.
+    def to_serialized(self) -> dict[str, Any]:
+        """The one form that crosses to the engine processes: validated settings plus what the front end resolved."""
+        return {**self.to_dict(), _SERIALIZED_MARK: True,
+                **{name: getattr(self, name) for name in _RESOLVED_FIELDS}}
+
+    @classmethod
+    def from_serialized(cls, additional_config: Mapping[str, Any] | None) -> ExpertOffloadConfig:
+        """Rebuild the config the front end validated (``to_serialized``); offload off when there is none.
+
+        Raises if the dict did not come from the front end: then the plugin's startup checks did not run.
+        """
+        raw = (additional_config or {}).get(ADDITIONAL_CONFIG_KEY)
+        if raw is None:
+            return cls()
+        if isinstance(raw, ExpertOffloadConfig):
+            return raw
+        if not raw.get(_SERIALIZED_MARK):
+            raise ExpertOffloadConfigError(
+                f"additional_config[{ADDITIONAL_CONFIG_KEY!r}] reached the engine without the front end's startup "
+                f"checks; create the engine through vllm.LLM or vllm serve with the vllm-expertflow plugin installed"
+            )
+        return cls(**{k: v for k, v in raw.items() if k != _SERIALIZED_MARK})
+
+    def resolved(self, slots_per_layer: int) -> ExpertOffloadConfig:
+        return dataclasses.replace(self, slots_per_layer=slots_per_layer)
+
+    def groups_requests(self, num_experts: int) -> bool:
+        """Whether the scheduler groups requests: only when the slots cannot hold every expert."""
+        return (
+            self.enabled and self.scheduling == "expertflow"
+            and self.slots_per_layer is not None and self.slots_per_layer < num_experts
+        )
+
+    def plan_slots(self, *, num_experts: int, top_k: int, bytes_per_expert: int, num_moe_layers: int) -> int:
+        """Slots each MoE layer gets, checked against what a lossless cache needs (the front end calls it once).
 
         A lossless step needs every token's top_k experts resident at once, so fewer than
         top_k slots cannot work; more than num_experts slots waste memory and are clamped
@@ -186,6 +224,11 @@ class ExpertOffloadConfig:
                     f"layers x {bytes_per_expert} bytes per expert)"
                 )
         return min(slots, num_experts)
+
+
+# Fields the front end fills in (not user settings), and the key that marks its serialised form.
+_RESOLVED_FIELDS = ("slots_per_layer",)
+_SERIALIZED_MARK = "validated"
 
 
 def _coerce(key: str, value: Any) -> Any:

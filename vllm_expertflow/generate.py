@@ -95,17 +95,20 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
 
 
 def _scheduling_stats(llm) -> dict[str, Any] | None:
-    from vllm_expertflow.vllm_adapter.vllm_api import inprocess_scheduler
+    import vllm_expertflow
 
-    scheduler = inprocess_scheduler(llm)
-    seconds = list(getattr(scheduler, "grouping_seconds", []))
+    try:
+        recorded = vllm_expertflow.get_scheduling_stats(llm)
+    except RuntimeError:  # engine core in another process: its scheduler is not readable here
+        return None
+    seconds = recorded["grouping_seconds"] if recorded else []
     if not seconds:
         return None
-    held = list(scheduler.held_per_step)
+    held = recorded["held_per_step"]
     return {
         "grouped_steps": len(seconds),
         "steps_with_held_requests": sum(1 for h in held if h),
-        "cache_aware_steps": scheduler.cache_aware_steps,
+        "cache_aware_steps": recorded["cache_aware_steps"],
         "grouping_ms_median": 1e3 * sorted(seconds)[len(seconds) // 2],
         "grouping_ms_max": 1e3 * max(seconds),
     }

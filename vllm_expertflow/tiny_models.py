@@ -39,7 +39,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics")
+MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics", "qwen3_moe_wide")
 
 # The topic model: the vocabulary in TOPIC_COUNT contiguous topics of about 18 words each.
 TOPIC_COUNT = 8
@@ -107,6 +107,13 @@ def _config(shape: str, vocab_size: int):
         return Qwen3MoeConfig(
             **common, head_dim=32, intermediate_size=256, moe_intermediate_size=96, num_experts=64,
             num_experts_per_tok=4, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        )
+    if shape == "qwen3_moe_wide":
+        # About 130 MB of experts, so an engine that is not released shows in the process's memory;
+        # moe_intermediate_size 336 is not a multiple of vLLM-CPU's kernel alignment (32): it pads to 352.
+        return Qwen3MoeConfig(
+            **common, head_dim=32, intermediate_size=256, moe_intermediate_size=336, num_experts=128,
+            num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         )
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
 

@@ -103,3 +103,46 @@ def test_prefetch_flags_and_predictor_file_are_checked_at_startup(tiny_models, t
     assert "has 4 MoE layers x 16 experts (top_k 2)" in mismatch["error"]
     assert "does not load" in not_a_predictor["error"]
     assert "miss_policy='skip' cannot be combined with it" in lossy["error"]
+
+
+def test_cache_gb_minimum_counts_the_kernels_padded_expert_size(tmp_path_factory):
+    # moe_intermediate_size 336 pads to 352 in vLLM-CPU's kernel: the minimum is computed from the
+    # padded size, so a budget just below it fails at startup and one just above runs with top_k slots.
+    wide = str(build_tiny_moe("qwen3_moe_wide", tmp_path_factory.mktemp("wide") / "qwen3_moe_wide"))
+    minimum_gb = 2 * (3 * 128 * 352 * 2) * 4 / 1024**3  # top_k x padded bytes per expert x 4 MoE layers
+    cases = [
+        (wide, {"enabled": True, "cache_gb": minimum_gb * 0.999}),
+        (wide, {"enabled": True, "cache_gb": minimum_gb * 1.001}),
+    ]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("startup_probe.py")), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    below, above = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    assert f"the minimum is {minimum_gb:.6g} GB" in below["error"] and not below["weights_loaded"]
+    assert "x 270336 bytes per expert" in below["error"]
+    assert above["ok"] and above["slots"] == [2]
+
+
+def test_refusals_come_before_the_weights_load(tiny_models, tmp_path):
+    qwen3 = str(tiny_models["qwen3_moe"])
+    traced = tmp_path / "traced"
+    traced.mkdir()
+    (traced / "routing-00000.npz").write_bytes(b"an earlier run's chunk")
+    offload = {"enabled": True, "cache_slots": 4}
+    cases = [
+        (qwen3, offload, {"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"}),
+        (qwen3, {**offload, "scheduling": "fcfs"}, {"scheduler_cls": "vllm.v1.core.sched.scheduler.Scheduler"}),
+        (qwen3, {**offload, "trace_dir": str(traced)}),
+        (qwen3, offload, {"enable_expert_parallel": True}),
+    ]
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("startup_probe.py")), json.dumps(cases)],
+                          capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    user_scheduler, user_scheduler_fcfs, trace_dir, expert_parallel = json.loads(proc.stdout.split("REPORT ", 1)[1])
+    assert "--scheduler-cls 'vllm.v1.core.sched.scheduler.Scheduler' cannot be combined with --enable-expert-offload" \
+        in user_scheduler["error"]
+    assert user_scheduler_fcfs["ok"]  # with vLLM's order kept, the user's scheduler composes the steps
+    assert "already holds a routing trace; give an empty or new directory" in trace_dir["error"]
+    assert "does not support expert parallelism yet" in expert_parallel["error"]
+    for refused in (user_scheduler, trace_dir, expert_parallel):
+        assert not refused["weights_loaded"]

@@ -16,7 +16,7 @@ from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
 from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
 from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor, step_demand
 from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR, first_positions
-from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_for, group_of_worker
+from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_being_built, group_of_worker
 from vllm_expertflow.vllm_adapter.vllm_api import (
     RoutedExperts,
     UnquantizedFusedMoEMethod,
@@ -26,21 +26,25 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
     install_worker_step_hooks,
     moe_kernel_apply,
     moe_router_weights,
+    step_finished_requests,
+    step_token_counts,
+    step_total_tokens,
     worker_model,
 )
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
 
-def _offload_config() -> tuple[ExpertOffloadConfig, object]:
-    vllm_config = get_current_vllm_config()
-    return ExpertOffloadConfig.from_additional_config(vllm_config.additional_config), vllm_config
+def _offload_config() -> ExpertOffloadConfig:
+    """The config of the engine whose model is being built (offload off outside a worker's model load)."""
+    group = group_being_built()
+    return group.offload if group is not None else ExpertOffloadConfig()
 
 
 class OffloadedUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
     def __init__(self, moe) -> None:
         super().__init__(moe)
-        self.offload, _ = _offload_config()
+        self.offload = _offload_config()
         if self.offload.enabled:
             # vLLM would move host parameters to the device to post-process them; we prepack
             # them where they are so the full expert set never lands on the device.
@@ -62,7 +66,7 @@ class OffloadedRoutedExperts(RoutedExperts):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.expert_cache: ExpertSlotCache | None = None
-        self.offload, vllm_config = _offload_config()
+        self.offload = _offload_config()
         if not self.offload.enabled:
             return
         if not isinstance(self.quant_method, OffloadedUnquantizedFusedMoEMethod):
@@ -81,32 +85,26 @@ class OffloadedRoutedExperts(RoutedExperts):
                 f"expert offload does not support expert parallelism yet ({self.local_num_experts} local of "
                 f"{self.global_num_experts} experts on layer {self.layer_name}); disable expert parallelism"
             )
-        self._group: ExpertCacheGroup = group_for(vllm_config)
-        self._group.add_layer(self.layer_name)
-        self._group.trace_dir = self.offload.trace_dir
-        self._group.prefetch = self.offload.prefetch
-        install_worker_step_hooks(begin_worker_step, end_worker_step)
-        if self.offload.miss_policy == "substitute":
-            install_router_logits_capture()
-        self._device = torch.device(vllm_config.device_config.device)
-
-    def build_expert_cache(self) -> None:
-        """Move the experts into a host store and give the layer its slots (after loading)."""
         if self.quant_method.is_monolithic:
             raise ExpertOffloadConfigError(
                 f"expert offload needs a modular MoE kernel, but layer {self.layer_name} selected the "
                 f"monolithic backend {self.quant_method.unquantized_backend}; choose another MoE backend"
             )
+        self._group: ExpertCacheGroup = group_being_built()
+        self._group.add_layer(self.layer_name)
+        install_worker_step_hooks(begin_worker_step, end_worker_step)
+        if self.offload.miss_policy == "substitute":
+            install_router_logits_capture()
+        self._device = torch.device(get_current_vllm_config().device_config.device)
+
+    def build_expert_cache(self) -> None:
+        """Move the experts into a host store and give the layer its slots (after loading)."""
         on_cuda = self._device.type == "cuda"
         store = ExpertStore([self.w13_weight.data, self.w2_weight.data], pin_memory=on_cuda)
         # The parameters now point at the store's (pinned) tensors: one host copy, not two.
         self.w13_weight.data, self.w2_weight.data = store.weights
-        num_slots = self.offload.slots_per_layer(
-            num_experts=store.num_experts,
-            top_k=self.top_k,
-            bytes_per_expert=store.bytes_per_expert,
-            num_moe_layers=self._group.num_layers,
-        )
+        num_slots = self.offload.slots_per_layer  # planned once by the front end (startup.plan_slots_per_layer)
+        self._group.check_planned_size(store.bytes_per_expert)
         self._layer_index = self._group.layer_names.index(self.layer_name)
         if self.offload.policy == EXPERTFLOW_POLICY:
             if self._group.pool is None:
@@ -118,10 +116,8 @@ class OffloadedRoutedExperts(RoutedExperts):
             self.expert_cache = self._group.pool.add_layer(self._layer_index, store)
         else:
             self.expert_cache = ExpertSlotCache(store, num_slots, make_policy(self.offload.policy), self._device)
-        # The scheduler groups requests only when the slots cannot hold every expert (scheduler.py).
-        self._group.scheduler_wants_signatures |= (
-            self.offload.scheduling == "expertflow" and num_slots < store.num_experts
-        )
+        # Same decision, same inputs as the scheduler's (scheduler.py).
+        self._group.scheduler_wants_signatures |= self.offload.groups_requests(store.num_experts)
         self._group.add_cache(self.layer_name, self.expert_cache, top_k=self.top_k)
 
     def forward_modular(
@@ -210,8 +206,7 @@ def model_loaded(worker) -> None:
     group = group_of_worker(worker)
     if group is None or not group.caches:
         return
-    offload = ExpertOffloadConfig.from_additional_config(worker.vllm_config.additional_config)
-    num_experts = next(iter(group.caches.values())).store.num_experts
+    offload = group.offload
     if offload.prefetch == "lookahead":
         weights = moe_router_weights(worker_model(worker), OffloadedRoutedExperts)
         missing = [name for name in group.layer_names if name not in weights]
@@ -222,26 +217,19 @@ def model_loaded(worker) -> None:
             )
         group.lookahead = LookaheadPredictor([weights[name] for name in group.layer_names], group.top_k)
     elif offload.prefetch == "predictor":
-        predictor = RoutingPathPredictor.load(offload.predictor_path)
-        expected = (group.num_layers, num_experts, group.top_k)
-        if (predictor.num_layers, predictor.num_experts, predictor.top_k) != expected:
-            raise ExpertOffloadConfigError(
-                f"predictor_path={offload.predictor_path!r} predicts {predictor.num_layers} MoE layers x "
-                f"{predictor.num_experts} experts (top_k {predictor.top_k}); the loaded model has {expected[0]} x "
-                f"{expected[1]} (top_k {expected[2]})"
-            )
-        group.predictor = predictor
+        # The front end checked this file against the model (startup.check_predictor).
+        group.predictor = RoutingPathPredictor.load(offload.predictor_path)
 
 
 def begin_worker_step(worker, scheduler_output) -> None:
     group = group_of_worker(worker)
     if group is None:
         return
-    group.step_tokens = scheduler_output.total_num_scheduled_tokens
+    group.step_tokens = step_total_tokens(scheduler_output)
     if group.recorder is not None:
-        group.recorder.begin_step(scheduler_output.total_num_scheduled_tokens)
+        group.recorder.begin_step(group.step_tokens)
     if group.predictor is not None:
-        for request in scheduler_output.finished_req_ids:
+        for request in step_finished_requests(scheduler_output):
             group.predictor.history.forget(request)
         _predictor_prefetch(group, scheduler_output)
     elif group.pool is not None:
@@ -250,7 +238,7 @@ def begin_worker_step(worker, scheduler_output) -> None:
 
 def _predictor_prefetch(group: ExpertCacheGroup, scheduler_output) -> None:
     """Predict every layer's experts for the step's tokens and prefetch them before the first MoE layer."""
-    counts = scheduler_output.num_scheduled_tokens
+    counts = step_token_counts(scheduler_output)
     if not counts:
         return
     starts = first_positions(scheduler_output)

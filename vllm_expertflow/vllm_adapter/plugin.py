@@ -21,14 +21,20 @@ def register() -> None:
         OffloadedUnquantizedFusedMoEMethod,
         model_loaded,
     )
-    from vllm_expertflow.vllm_adapter.stats import worker_cache_stats, worker_flush_trace
+    from vllm_expertflow.vllm_adapter.stats import (
+        building_model,
+        release_worker_group,
+        worker_cache_stats,
+        worker_flush_trace,
+    )
 
+    vllm_api.quiet_repeated_cpu_thread_warning()
     if not vllm_api.is_oot_registered("RoutedExperts"):
         vllm_api.register_oot_layers(OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod)
     vllm_api.WorkerBase.expertflow_cache_stats = worker_cache_stats
     vllm_api.WorkerBase.expertflow_flush_trace = worker_flush_trace
     # Before any worker loads a model: the offloaded layers are built inside load_model, too late
-    # to wrap it for that engine. With offload off the callback finds no cache group and returns.
-    vllm_api.install_model_loaded_hook(model_loaded)
+    # to wrap it for that engine. With offload off no group is made and the layers run plain.
+    vllm_api.install_model_load_hooks(building_model, model_loaded, release_worker_group)
     startup.install()
     _registered = True

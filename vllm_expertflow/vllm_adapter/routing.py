@@ -18,6 +18,8 @@ import torch
 
 from vllm_expertflow.core import TraceWriter
 from vllm_expertflow.core.grouping import ExpertSignature
+from vllm_expertflow.vllm_adapter.vllm_api import step_first_positions as first_positions
+from vllm_expertflow.vllm_adapter.vllm_api import step_token_counts
 
 SIGNATURES_ATTR = "expertflow_signatures"
 # The experts the slots hold after the step, per layer (ExpertSignature): what the next step gets for free.
@@ -63,7 +65,7 @@ class RoutingRecorder:
             return None
         self._active = False
         topk = torch.stack(self._layer_ids, dim=1).numpy()  # [tokens, layers, top_k]
-        counts = scheduler_output.num_scheduled_tokens
+        counts = step_token_counts(scheduler_output)
         order = [r for r in req_ids_in_order if r in counts]
         per_token_counts = [counts[r] for r in order]
         if sum(per_token_counts) != topk.shape[0]:
@@ -71,10 +73,10 @@ class RoutingRecorder:
         # Packed bit signatures: small to pickle, and what the grouper works on.
         packed = ExpertSignature.from_batch_topk_ids(topk, per_token_counts, self.num_experts)
         signatures = dict(zip(order, packed, strict=True))
-        first_positions = _first_positions(scheduler_output)
+        starts = first_positions(scheduler_output)
         request_ids = np.repeat(np.asarray(order, dtype=np.str_), per_token_counts)
         positions = np.concatenate([
-            np.arange(first_positions.get(r, 0), first_positions.get(r, 0) + n) for r, n in
+            np.arange(starts.get(r, 0), starts.get(r, 0) + n) for r, n in
             zip(order, per_token_counts, strict=True)
         ]) if order else np.zeros(0, dtype=np.int32)
         # The routing predictor (prefetch "predictor") learns from it after each step.
@@ -87,15 +89,3 @@ class RoutingRecorder:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.flush()
-
-
-def first_positions(scheduler_output: Any) -> dict[str, int]:
-    return _first_positions(scheduler_output)
-
-
-def _first_positions(scheduler_output: Any) -> dict[str, int]:
-    """Position of each scheduled request's first token this step (its computed-token count)."""
-    positions = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}
-    cached = scheduler_output.scheduled_cached_reqs
-    positions.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
-    return positions

