@@ -62,6 +62,7 @@ from vllm_expertflow.core.predictors import (  # noqa: E402
 )
 from vllm_expertflow.core.simulate import simulate  # noqa: E402
 from vllm_expertflow.core.trace import RoutingTrace, read_trace  # noqa: E402
+from vllm_expertflow.provenance import results_header  # noqa: E402
 
 TEXT_MODEL = REPO / "models" / "tiny-qwen3-moe"
 VLM_MODEL = REPO / "models" / "toy-qwen3-vl-moe"
@@ -504,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "disagreements) on this recording of the text model; none on the VLM.",
         ]
     )
-    (out_dir / "cache_policies.md").write_text(markdown(rows, accuracy, layer_scores, setup))
+    (out_dir / "cache_policies.md").write_text(results_header() + "\n\n" + markdown(rows, accuracy, layer_scores, setup))
     with open(out_dir / "cache_policies.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

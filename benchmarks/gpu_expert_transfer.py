@@ -23,6 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, LRUPolicy  # noqa: E402
+from vllm_expertflow.provenance import provenance  # noqa: E402
 
 
 def main() -> int:
@@ -85,6 +86,7 @@ def main() -> int:
         "cache_load_gbps": cache_gbps,
         "ratio_cache_to_raw": cache_gbps / raw_gbps,
         "args": vars(args),
+        "provenance": provenance(),
     }
     print(f"{result['device']}: expert {per_expert / 1e6:.2f} MB; raw pinned H2D {raw_gbps:.1f} GB/s; "
           f"cache load path {cache_gbps:.1f} GB/s; ratio {cache_gbps / raw_gbps:.3f}")

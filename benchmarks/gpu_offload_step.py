@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, LRUPolicy  # noqa: E402
 from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache  # noqa: E402
+from vllm_expertflow.provenance import provenance, results_header  # noqa: E402
 
 
 def grouped_swiglu(x, weights, topk_weights, ids):
@@ -258,8 +259,8 @@ def main() -> int:
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"device": name, "link_gbps": link_gbps, "args": vars(args), "rows": rows}, indent=1))
+    out.with_suffix(".md").write_text(results_header() + "\n\n" + table + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"provenance": provenance(), "device": name, "link_gbps": link_gbps, "args": vars(args), "rows": rows}, indent=1))
     return 0
 
 

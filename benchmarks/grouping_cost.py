@@ -42,6 +42,7 @@ from vllm_expertflow.core.grouping import (  # noqa: E402
     RequestView,
 )
 from vllm_expertflow.core.two_way_split import hamming_two_way_split  # noqa: E402
+from vllm_expertflow.provenance import provenance, results_header  # noqa: E402
 
 TOPIC_EXPERTS = 16  # experts per layer a topic prefers
 
@@ -156,7 +157,7 @@ def main() -> int:
     splits = [(tokens, *split_cost(argparse.Namespace(**{**vars(args), **scenarios[0][1]}), tokens)) for tokens in (128, 512)]
     load_after = os.getloadavg()[0]
 
-    header = (
+    header = results_header() + "\n\n" + (
         f"`select`: {args.layers} layers x {args.experts} experts, top-{args.top_k}, K=2, min_fraction 0.5, "
         f"{args.calls} calls after {args.warmup} warmup; wall time of one call, the cache-aware one the adapter "
         f"makes. Searching steps: the calls that searched for a group (the others back off after a search that "
@@ -195,6 +196,7 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(text)
     record = {
+        "provenance": provenance(),
         "args": vars(args),
         "cpus": os.cpu_count(),
         "load_average": [load_before, load_after],

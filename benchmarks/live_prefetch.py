@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from vllm_expertflow.provenance import results_header  # noqa: E402
 
 
 def generate(model: str, runs: list[dict], args, *, prompts_file: str | None = None) -> list[dict]:
@@ -134,13 +135,12 @@ def main() -> int:
         ]
     )
     text = (
-        f"# Live prefetch and the expertflow pool\n\n`python benchmarks/live_prefetch.py` on `{Path(args.model).name}`"
+        f"# Live prefetch and the expertflow pool\n\n{results_header()}\n\nOn `{Path(args.model).name}`"
         f" ({num_experts} experts per layer, {args.num_prompts} prompts x {args.max_tokens} tokens, {args.dtype}, "
         f"offload off: {reference['generated_tokens'] / reference['generate_s']:.1f} tok/s). Demand loads are the "
         f"loads a layer waits for (misses); prefetch hit rate: prefetched experts needed before eviction. The "
-        f"predictor was trained on a trace of other prompts. CPU run: tok/s includes every copy as a memcpy; "
-        f"1-minute load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (above the CPU count, "
-        f"other work shared them and tok/s says little; the load counts are deterministic).\n\n"
+        f"predictor was trained on a trace of other prompts. CPU run: tok/s includes every copy as a memcpy and "
+        f"follows the machine's load (header); the load counts are deterministic.\n\n"
         f"{table}\n"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from vllm_expertflow.provenance import provenance, results_header  # noqa: E402
 
 
 def generate(model: str, runs: list[dict], args, plain: bool) -> list[dict]:
@@ -100,9 +101,10 @@ def main() -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(
-        f"model `{Path(args.model).name}`: {args.num_prompts} prompts x {args.max_tokens} tokens, "
-        f"median of {args.repeats} runs, CPU (2 cores)\n\n{table}\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        f"{results_header()}\n\nmodel `{Path(args.model).name}`: {args.num_prompts} prompts x {args.max_tokens} "
+        f"tokens, median of {args.repeats} runs\n\n{table}\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"provenance": provenance(), "args": vars(args), "rows": rows}, indent=1))
     return 0
 
 

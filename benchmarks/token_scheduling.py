@@ -31,6 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from vllm_expertflow.provenance import provenance, results_header  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -191,11 +192,11 @@ def trace_timing(trace, slots: int, args) -> dict:
 
 def _grouping_stats(llm) -> dict:
     """Median grouping time per step, and in how many grouped steps requests were held back."""
-    from vllm_expertflow.vllm_adapter.vllm_api import inprocess_scheduler
+    import vllm_expertflow
 
-    scheduler = inprocess_scheduler(llm)
-    seconds = sorted(getattr(scheduler, "grouping_seconds", []))
-    held = list(getattr(scheduler, "held_per_step", []))
+    recorded = vllm_expertflow.get_scheduling_stats(llm) or {"grouping_seconds": [], "held_per_step": []}
+    seconds = sorted(recorded["grouping_seconds"])
+    held = recorded["held_per_step"]
     return {
         "grouping_ms_median": 1e3 * seconds[len(seconds) // 2] if seconds else None,
         "grouped_steps": len(seconds),
@@ -231,7 +232,9 @@ def replay_clustered(args) -> list[dict]:
             kind_of = np.arange(args.replay_requests) % kinds  # the kinds arrive interleaved
             route_rng = np.random.default_rng(1)
             maps = [SlotMap(experts, capacity, make_policy("lru")) for _ in range(layers)]
-            grouper = ExpertAwareGrouper(GroupingConfig(capacity=capacity, max_skip_steps=2))
+            grouper = ExpertAwareGrouper(GroupingConfig(
+                capacity=capacity, max_skip_steps=args.max_skip_steps, min_fraction=args.min_run_fraction,
+                max_overflow_ratio=overflow_ratio(args.max_overflow_ratio)))
             produced = {r: 0 for r in range(args.replay_requests)}
             token_steps: dict[int, list[int]] = {r: [] for r in produced}
             running: list[int] = []
@@ -296,7 +299,8 @@ def replay_table(args, rows: list[dict]) -> str:
         f"{args.replay_arrivals} arrivals per step, at most {args.replay_max_running} running; {args.replay_kinds} "
         f"request kinds arriving interleaved, each routing {args.replay_on_topic:.0%} of its picks within its own "
         f"{args.replay_kind_experts} experts per layer "
-        f"(the rest uniform); LRU slot cache per layer with the live cache's pass planning; K=2, min_fraction 0.5. "
+        f"(the rest uniform); LRU slot cache per layer with the live cache's pass planning; K={args.max_skip_steps}, "
+        f"min_run_fraction {args.min_run_fraction:g}, max_overflow_ratio {args.max_overflow_ratio}. "
         f"TPOT in engine steps per token (a step counted as one unit whatever its size), and modeled: each step "
         f"{args.replay_compute_ms:g} ms of compute plus its expert copies ({args.replay_expert_mb:g} MB each, "
         f"Qwen3-30B-A3B's bf16 expert) at {args.replay_link_gbps:g} GB/s, one after the other (no overlap).",
@@ -371,8 +375,9 @@ def main() -> int:
     replay = replay_table(args, replay_rows)
     print(replay)
     replay_out = out.with_name(out.name + "_replay")
-    replay_out.with_suffix(".md").write_text(replay + "\n")
-    replay_out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": replay_rows}, indent=1))
+    replay_out.with_suffix(".md").write_text(results_header() + "\n\n" + replay + "\n")
+    replay_out.with_suffix(".json").write_text(
+        json.dumps({"provenance": provenance(), "args": vars(args), "rows": replay_rows}, indent=1))
     return 0
 
 
@@ -386,8 +391,9 @@ def run_live(args, out: Path) -> None:
         print(section)
         sections.append(section)
         all_rows += [{"topics": topics, **row} for row in rows]
-    out.with_suffix(".md").write_text("\n\n".join(sections) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"args": vars(args), "rows": all_rows}, indent=1))
+    out.with_suffix(".md").write_text("\n\n".join([results_header(), *sections]) + "\n")
+    out.with_suffix(".json").write_text(
+        json.dumps({"provenance": provenance(), "args": vars(args), "rows": all_rows}, indent=1))
 
 
 def run_settings(args, topics: int | None) -> list[dict]:
@@ -408,7 +414,8 @@ def run_settings(args, topics: int | None) -> list[dict]:
             cmd = [sys.executable, __file__, "--workload", args.workload, "--model", args.model,
                    "--topics", str(topics or 0), "--requests", str(args.requests),
                    "--max-tokens", str(args.max_tokens), "--arrival-every", str(args.arrival_every),
-                   "--max-num-seqs", str(args.max_num_seqs), "--setting", json.dumps(offload)]
+                   "--max-num-seqs", str(args.max_num_seqs), "--setting", json.dumps(offload),
+                   *replay_options(args)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             if proc.returncode != 0:
                 raise SystemExit(f"setting {pct}% {scheduling} failed:\n{proc.stderr[-4000:]}")
@@ -442,12 +449,22 @@ def live_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def overflow_ratio(text: str) -> float | None:
+    return None if str(text).lower() == "none" else float(text)
+
+
+def replay_options(args) -> list[str]:
+    """The parent's --replay-* options, for a child that models TPOT with them."""
+    return [item for name, value in vars(args).items() if name.startswith("replay_") and name != "replay_only"
+            for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
 def live_header(args, topics: int | None) -> str:
     arrivals = f"one arrival every {args.arrival_every} step(s)" if args.arrival_every else "all arriving at once"
     header = (f"model `{Path(args.model).name}`, {args.requests} requests x {args.max_tokens} tokens, {arrivals}, "
               f"max {args.max_num_seqs} running, K={args.max_skip_steps}, min_run_fraction {args.min_run_fraction:g}, "
               f"max_overflow_ratio {args.max_overflow_ratio}; "
-              f"CPU (2 cores, shared: wall-clock TPOT is noisy and expert copies cost almost nothing there). "
+              f"on CPU, where expert copies cost almost nothing and wall-clock TPOT follows the machine's load. "
               f"TPOT steps: engine steps per generated token. Modeled TPOT, from the routing trace: each step "
               f"{args.replay_compute_ms:g} ms x layers/{args.replay_layers} of compute plus its expert loads at "
               f"{args.replay_expert_mb:g} MB (a Qwen3-30B-A3B bf16 expert) / {args.replay_link_gbps:g} GB/s each, "

@@ -28,9 +28,34 @@ from vllm_expertflow.eval.sweep import BASELINE, markdown_table  # noqa: E402
 NUMERIC = ("capacity_pct", "slots", "num_experts", "top_k", "vqav2_acc", "mmbench_circular_acc", "mmbench_row_acc",
            "agree_vqav2", "agree_mmbench", "agree_all", "hit_rate", "hits", "misses", "loads", "bytes_loaded",
            "generated_tokens", "loads_per_token", "tokens_per_s", "generate_s", "init_s", "expert_mib_device",
-           "expert_mib_all", "n_vqav2", "n_mmbench_rows", "n_mmbench_questions")
+           "expert_mib_all", "n_vqav2", "n_mmbench_rows", "n_mmbench_questions", "grouped_steps",
+           "steps_with_held_requests")
 PLOTS = ("accuracy_vs_capacity.png", "hit_rate_vs_capacity.png", "throughput_vs_capacity.png")
 ACCURACIES = (("vqav2_acc", "VQAv2"), ("mmbench_circular_acc", "MMBench CircularEval"))
+
+
+def step_composition_sentence(expertflow_cells: Sequence[dict[str, Any]]) -> str:
+    """What the ExpertFlow scheduler did to the steps, from its recorded stats (cells.csv), never inferred."""
+    if any(r.get("grouped_steps") is None for r in expertflow_cells):
+        return ("The sweep did not record the scheduler's stats for every ExpertFlow cell, so how its steps "
+                "differed from FCFS's is not stated.")
+    off = [r for r in expertflow_cells if not r["grouped_steps"]]
+    never_held = [r for r in expertflow_cells if r["grouped_steps"] and not r["steps_with_held_requests"]]
+    held = [r for r in expertflow_cells if r["steps_with_held_requests"]]
+    parts = []
+    if off:
+        parts.append(f"grouping was off in {plural(len(off), 'cell')} ({', '.join(r['cell'] for r in off)}: the "
+                     f"slots held every expert or no step had two running requests)")
+    if never_held:
+        steps = int(sum(r["grouped_steps"] for r in never_held))
+        parts.append(f"the grouper ran in {plural(len(never_held), 'cell')} but held no request back in any of its "
+                     f"{steps} grouped steps, so those steps were FCFS's")
+    if held:
+        steps = int(sum(r["steps_with_held_requests"] for r in held))
+        total = int(sum(r["grouped_steps"] for r in held))
+        parts.append(f"it held requests back in {steps} of {total} grouped steps in {plural(len(held), 'cell')} "
+                     f"({', '.join(r['cell'] for r in held)})")
+    return "Recorded scheduler stats: " + "; ".join(parts) + "."
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
@@ -143,13 +168,7 @@ def answer_section(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list
         out.append(f"- **Lossy miss policies (skip/substitute):** ExpertFlow scheduling instead of FCFS at the same "
                    f"capacity and miss policy ({plural(len(lossy_pairs), 'pair')}) changed {' and '.join(parts)}, "
                    f"and the share of answers identical to offload-off by {span(agree)} points.")
-        same_steps = all(f["loads"] == e["loads"] and f["hits"] == e["hits"] for f, e in pairs())
-        if same_steps:
-            out.append("  In every pair the two schedulings made exactly the same expert loads and hits: the "
-                       "ExpertFlow grouper never found a group whose running alone would remove most of the step's "
-                       "experts beyond the slots (it holds requests back only then), so it composed the same steps as FCFS and cannot have changed accuracy "
-                       "on this model; see benchmarks/results/token_scheduling*.md for where grouping does change "
-                       "the steps.")
+        out.append("  " + step_composition_sentence([e for _, e in pairs()]))
     elif lossy:
         out.append("- Lossy cells ran, but without an FCFS/ExpertFlow pair at the same capacity and policy.")
     else:

@@ -278,3 +278,22 @@ def test_sweep_on_a_random_tiny_vlm(random_vlm, tmp_path):
     # A different setting in the same directory is refused instead of mixing results.
     other = _run_sweep(random_vlm, out, "--max-tokens", "6", timeout=300)
     assert other.returncode != 0 and "different settings" in other.stderr
+
+
+def test_make_results_states_step_composition_from_recorded_scheduler_stats():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_results", REPO / "scripts" / "make_results.py")
+    make_results = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_results)
+    sentence = make_results.step_composition_sentence([
+        {"cell": "c100", "grouped_steps": 0.0, "steps_with_held_requests": 0.0},
+        {"cell": "c50", "grouped_steps": 12.0, "steps_with_held_requests": 0.0},
+        {"cell": "c25", "grouped_steps": 10.0, "steps_with_held_requests": 3.0},
+    ])
+    assert "grouping was off in 1 cell (c100" in sentence
+    assert "held no request back in any of its 12 grouped steps" in sentence
+    assert "held requests back in 3 of 10 grouped steps in 1 cell (c25)" in sentence
+    # Without recorded stats nothing is inferred from equal loads.
+    unknown = make_results.step_composition_sentence([{"cell": "c25", "grouped_steps": None}])
+    assert "not stated" in unknown and "never found" not in unknown

@@ -77,7 +77,8 @@ CSV_COLUMNS = [
     "miss_policy", "lossless", "vqav2_acc", "mmbench_circular_acc", "mmbench_row_acc", "agree_vqav2",
     "agree_mmbench", "agree_all", "hit_rate", "hits", "misses", "loads", "bytes_loaded", "generated_tokens",
     "loads_per_token", "tokens_per_s", "generate_s", "init_s", "expert_mib_device", "expert_mib_all",
-    "n_vqav2", "n_mmbench_rows", "n_mmbench_questions", "reused_from", "note",
+    "n_vqav2", "n_mmbench_rows", "n_mmbench_questions", "grouped_steps", "steps_with_held_requests",
+    "reused_from", "note",
 ]  # fmt: skip
 
 
@@ -408,6 +409,10 @@ def cell_row(cell_dir: Path, base_vqa: dict | None, base_mmb: dict | None) -> di
         if bpe and layers:
             row["expert_mib_device"] = m["slots"] * layers * bpe / 2**20
             row["expert_mib_all"] = m["num_experts"] * layers * bpe / 2**20
+    if "scheduling_stats" in m:  # recorded by the expert-aware scheduler; None: it never grouped
+        recorded = m["scheduling_stats"] or {}
+        row["grouped_steps"] = recorded.get("grouped_steps", 0)
+        row["steps_with_held_requests"] = recorded.get("steps_with_held_requests", 0)
     notes = []
     if m.get("reused_from"):
         notes.append(f"same slots as {m['reused_from']}: outputs reused")
