@@ -14,6 +14,7 @@ import torch
 from vllm_expertflow.config import EXPERTFLOW_POLICY, ExpertOffloadConfig, ExpertOffloadConfigError
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
 from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
+from vllm_expertflow.core.miss_policies import NEEDS_ROUTER_SCORES
 from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor, step_demand
 from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR, first_positions
 from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_for, group_of_worker
@@ -86,7 +87,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._group.trace_dir = self.offload.trace_dir
         self._group.prefetch = self.offload.prefetch
         install_worker_step_hooks(begin_worker_step, end_worker_step)
-        if self.offload.miss_policy == "substitute":
+        if self.offload.miss_policy in NEEDS_ROUTER_SCORES:
             install_router_logits_capture()
         self._device = torch.device(vllm_config.device_config.device)
 
@@ -165,7 +166,8 @@ class OffloadedRoutedExperts(RoutedExperts):
 
         if self.offload.miss_policy != "exact":
             return cache.run_lossy(x, topk_weights, topk_ids, run_kernel, self.offload.miss_policy,
-                                   router_scores=getattr(self, "last_router_logits", None))
+                                   router_scores=getattr(self, "last_router_logits", None),
+                                   reroute_margin=self.offload.effective_reroute_margin)
         return cache.run(x, topk_weights, topk_ids, run_kernel, host_topk_ids=host_ids.numpy())
 
     def _lookahead_picks(self, x: torch.Tensor) -> torch.Tensor | None:

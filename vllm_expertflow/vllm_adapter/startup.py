@@ -39,6 +39,7 @@ CLI_KEYS = {
     "expert_scheduling_min_fraction": "min_run_fraction",
     "expert_scheduling_max_overflow": "max_overflow_ratio",
     "expert_miss_policy": "miss_policy",
+    "expert_reroute_margin": "reroute_margin",
     "expert_prefetch": "prefetch",
     "expert_predictor": "predictor_path",
 }
@@ -68,6 +69,7 @@ _overflow_ratio = _bounded(
 )
 _non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0 (steps)")
 _positive_float = _bounded(float, lambda v: v > 0, "a positive number of GB")
+_margin = _bounded(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0 (router logits)")
 
 
 def add_cli_args(parser):
@@ -104,8 +106,13 @@ def add_cli_args(parser):
                        help="Hold requests back only if the chosen ones' experts beyond the slots are at most "
                             "this share of everyone's (default 0.25; 'none': whenever they load less).")
     group.add_argument("--expert-miss-policy", choices=MISS_POLICIES, default=None,
-                       help="'exact' (default, lossless) loads missing experts before computing; 'skip' and "
-                            "'substitute' do not wait and CHANGE OUTPUTS (for accuracy studies only).")
+                       help="'exact' (default, lossless) loads missing experts before computing; 'skip', "
+                            "'substitute' and 'reroute' do not wait (reroute: for an expert scored within "
+                            "--expert-reroute-margin of it) and CHANGE OUTPUTS (for accuracy studies only).")
+    group.add_argument("--expert-reroute-margin", type=_margin, default=None,
+                       help="With --expert-miss-policy reroute: a missing expert is replaced by a resident (or "
+                            "already loaded) one whose router logit is at most this much lower, else loaded "
+                            "(default 1.0: at least exp(-1) = 37%% of its routing probability).")
     group.add_argument("--expert-trace-dir", default=None,
                        help="Record every step's routing (request, position, top-k experts per MoE layer) "
                             "as .npz chunks in this directory; see docs/trace-format.md.")
@@ -164,9 +171,10 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             f"give an empty or new directory"
         )
     if offload.miss_policy != "exact":
+        margin = f" (reroute margin {offload.effective_reroute_margin:g})" if offload.miss_policy == "reroute" else ""
         logger.warning(
-            "expert miss policy %r is LOSSY: outputs will differ from the model's; use it for accuracy "
-            "studies, not for serving", offload.miss_policy,
+            "expert miss policy %r%s is LOSSY: outputs will differ from the model's; use it for accuracy "
+            "studies, not for serving", offload.miss_policy, margin,
         )
     install_scheduler(offload, vllm_config)
     stats_dir = ensure_stats_dir()

@@ -132,7 +132,7 @@ def install_router_logits_capture() -> None:
     """Keep each MoE step's router logits on its RoutedExperts (``last_router_logits``).
 
     The modular path hands ``forward_modular`` only the top-k result; the lossy
-    ``substitute`` miss policy needs every expert's score. Idempotent.
+    ``substitute`` and ``reroute`` miss policies need every expert's score. Idempotent.
     """
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
