@@ -105,7 +105,7 @@ def test_reroute_takes_a_resident_expert_within_the_margin_and_loads_otherwise()
     )
     out, loads = reroute(ids, logits, resident, margin=1.0)
     assert out.tolist() == [[0, 1], [0, 6]] and loads == [6]
-    out, loads = reroute(ids, logits, resident, margin=0.0)  # only ties are taken
+    out, loads = reroute(ids, logits, resident, margin=0.0)  # nothing is taken: exact
     assert out.tolist() == [[0, 5], [0, 6]] and sorted(loads) == [5, 6]
     out, loads = reroute(ids, logits, resident, margin=10.0)
     assert out.tolist() == [[0, 1], [0, 2]] and loads == []

@@ -12,7 +12,7 @@ the model's outputs and exist to measure how much:
   step anyway, if the router scored it within ``margin`` of the expert it replaces (router logits: a
   margin ``m`` accepts an expert whose routing probability is at least ``exp(-m)`` times the replaced
   one's); otherwise the missing expert is loaded (and becomes a candidate for the other tokens). Its
-  loss is bounded by the margin, and ``margin=0`` only accepts ties.
+  loss is bounded by the margin; ``margin=0`` accepts no replacement, so it is lossless.
 
 Accounting, the same in every mode: each step counts every distinct expert its tokens were routed to
 once, as a hit when it was resident at the step's start and as a miss otherwise, whether the miss was
@@ -40,8 +40,8 @@ def reroute(
     topk_ids: [num_tokens, top_k] int, global expert ids; router_logits: [num_tokens, num_experts] float
     (the scores the top-k was chosen by); resident: [num_experts] bool, resident at the step's start.
     Returns ids of the same shape whose every expert is resident or in the returned load list, and no
-    expert twice in a row. Greedy: each missing entry takes the best-scored candidate within ``margin``;
-    while some cannot, the expert most of them still want is loaded, becomes a candidate, and the rest
+    expert twice in a row. Greedy: each missing entry takes the best-scored candidate whose score is above
+    its own minus ``margin``; while some cannot, the expert most of them still want is loaded, becomes a candidate, and the rest
     are tried again. Tokens keep their routing weights (the replacement takes the replaced one's).
     """
     if margin < 0:
@@ -62,7 +62,8 @@ def reroute(
                 continue
             # Never an expert the token already uses (its other choices, earlier replacements).
             best_score, best = scores.scatter(1, sub_ids, float("-inf")).max(dim=1)
-            take = wanted & torch.isfinite(best_score) & (best_score >= chosen_score[rows, column] - margin)
+            # Strictly within: margin 0 accepts nothing, so it is the exact policy (bf16 logits tie often).
+            take = wanted & torch.isfinite(best_score) & (best_score > chosen_score[rows, column] - margin)
             sub_ids[take, column] = best[take]
             sub_missing[take, column] = False
         ids[rows], missing[rows] = sub_ids, sub_missing
