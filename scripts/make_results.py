@@ -147,12 +147,31 @@ def answer_section(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list
         lossy = [r for r in mine if r["kind"] == "capacity" and not r["lossless"]]
         hurt = [(r, name) for r in lossy for fmt, name, _ in FORMATS if is_effect(r, f"{fmt}_diff_vs_off")]
         if lossy:
-            worst = min(lossy, key=lambda r: r["agree_all"] if r["agree_all"] is not None else 1.0)
+            # Ties go to the smallest cache, where a lossy policy has the most to drop.
+            worst = min(lossy, key=lambda r: (r["agree_all"] if r["agree_all"] is not None else 1.0, r["slots"]))
             out.append(f"- **Cache size under lossy policies:** {len(hurt)} of {2 * len(lossy)} comparisons with "
                        f"offload off show an effect; the largest departure is {worst['cell']} ({setting(worst)}, "
                        f"{worst['scheduling']}): {pts(worst['agree_all'])}% of answers unchanged, VQAv2 "
                        f"{ci(worst, 'vqav2_diff_vs_off')}, MMBench {ci(worst, 'mmbench_diff_vs_off')}, hit rate "
                        f"{pts(worst['hit_rate'])}%.")
+        # --- what a lossy policy saves: loads and modeled TPOT against exact at equal settings ---
+        exact_of = {(r["kind"], r["budget_mode"], r["slots"], r["scheduling"], r.get("memory_budget_pct"),
+                     r.get("expert_share")): r for r in mine if r["kind"] in ("capacity", "budget") and r["lossless"]}
+        for policy in sorted({r["miss_policy"] for r in lossy}):
+            ratios, tpot, agree = [], [], []
+            for r in (r for r in lossy if r["miss_policy"] == policy and r["slots"] < r["num_experts"]):
+                e = exact_of.get((r["kind"], r["budget_mode"], r["slots"], r["scheduling"], r.get("memory_budget_pct"),
+                                  r.get("expert_share")))
+                if e and e["loads_per_token"] and r["loads_per_token"] is not None:
+                    ratios.append(r["loads_per_token"] / e["loads_per_token"])
+                    if e.get("modeled_tpot_ms_p50") and r.get("modeled_tpot_ms_p50"):
+                        tpot.append(r["modeled_tpot_ms_p50"] / e["modeled_tpot_ms_p50"])
+                    agree.append(r["agree_all"])
+            if ratios:
+                out.append(f"- **{policy} vs exact** below full capacity ({plural(len(ratios), 'pair')}): "
+                           f"{statistics.geometric_mean([max(x, 1e-9) for x in ratios]):.2f}x the loads per token"
+                           + (f", {statistics.geometric_mean(tpot):.2f}x the modeled TPOT p50" if tpot else "")
+                           + f", {pts(min(a for a in agree if a is not None))}% or more of answers unchanged.")
         # --- memory budget ---
         budget = [r for r in mine if r["kind"] == "budget" and r.get("modeled_tokens_per_s")]
         if budget:

@@ -828,6 +828,8 @@ def _fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
             return v
     if pct:
         return f"{100 * v:.1f}"
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e15:
+        return str(int(v))
     return f"{v:.{digits}g}" if isinstance(v, float) else str(v)
 
 
@@ -850,10 +852,11 @@ def _setting(r: dict[str, Any]) -> str:
         return "offload off"
     if kind == "control":
         return f"offload off, max_num_seqs={r.get('max_num_seqs')}"
-    head = f"{r.get('budget_mode')}, {r.get('slots')} slots ({_fmt(r.get('capacity_pct'), digits=3)}%)"
+    slots = _fmt(_num(r.get("slots")))
+    head = f"{r.get('budget_mode')}, {slots} slots ({_fmt(_num(r.get('capacity_pct')), digits=3)}%)"
     if kind == "budget":
-        head = (f"budget {_fmt(r.get('memory_budget_pct'))}% x {_fmt(r.get('expert_share'))} experts: "
-                f"{r.get('slots')} slots + {r.get('kv_blocks')} KV blocks")
+        head = (f"budget {_fmt(_num(r.get('memory_budget_pct')))}% x {_fmt(_num(r.get('expert_share')))} experts: "
+                f"{slots} slots + {_fmt(_num(r.get('kv_blocks')))} KV blocks")
     return f"{head}, {r.get('scheduling')}, {r.get('miss_policy')}"
 
 
