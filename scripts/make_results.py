@@ -16,6 +16,7 @@ import csv
 import json
 import statistics
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -197,7 +198,29 @@ def answer_section(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> list
     return out
 
 
-def render(rows: list[dict[str, Any]], manifest: dict[str, Any], plots: list[str], timing: list[dict]) -> str:
+def read_provenance(sweep: Path) -> list[dict[str, Any]]:
+    """Commit, dirty flag and machine load of every finished cell (``metrics.json``; reused cells keep their
+    source's)."""
+    out = []
+    for path in sorted((sweep / "cells").glob("*/metrics.json")):
+        m = json.loads(path.read_text())
+        out.append({k: m.get(k) for k in ("cell", "commit", "dirty", "loadavg_1m", "cpus")})
+    return out
+
+
+def provenance_line(cells: list[dict[str, Any]]) -> str:
+    if not cells:
+        return "- Produced by: no finished cell."
+    commits = Counter(f"{c['commit']}{' (uncommitted changes)' if c['dirty'] else ''}" for c in cells)
+    loads = [c["loadavg_1m"] for c in cells if c.get("loadavg_1m") is not None]
+    made = ", ".join(f"`{k}` ({plural(v, 'cell')})" for k, v in commits.most_common())
+    load = (f"; machine load (1-minute average when a cell finished) {min(loads):g}-{max(loads):g} on "
+            f"{cells[0].get('cpus')} CPUs") if loads else ""
+    return f"- Produced by: commit {made}{load}."
+
+
+def render(rows: list[dict[str, Any]], manifest: dict[str, Any], plots: list[str], timing: list[dict],
+           provenance: list[dict[str, Any]] | None = None) -> str:
     key = manifest.get("run_key", {})
     modeled = manifest.get("modeled", {})
     ok = [r for r in rows if r["status"] == "ok"]
@@ -224,6 +247,8 @@ def render(rows: list[dict[str, Any]], manifest: dict[str, Any], plots: list[str
                      f"({t.get('finished')}).")
     if manifest.get("argv"):
         lines.append(f"- Command: `python -m vllm_expertflow.eval.sweep {' '.join(manifest['argv'][1:])}`")
+    if provenance is not None:
+        lines.append(provenance_line(provenance))
     lines += ["", "## Answer", ""]
     lines += answer_section(rows, manifest)
     lines += ["## All cells", "", markdown_tables(rows), ""]
@@ -263,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     written = sweep_plots.plot_all(rows, sweep / "categories.csv", assets)
     plots = [str(p.resolve().relative_to(out.parent.resolve())) for p in written]
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(rows, manifest, plots, timing))
+    out.write_text(render(rows, manifest, plots, timing, read_provenance(sweep)))
     print(out)
     return 0
 

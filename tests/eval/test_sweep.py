@@ -269,6 +269,7 @@ def test_make_results_states_effects_only_where_the_ci_excludes_zero(tmp_path):
     assert "VQAv2 -30.0 points (95% CI" in text
     assert "MMBench CircularEval" not in text.split("**Scheduling changed accuracy**")[1].split("- **Channel")[0]
     assert "Expertflow answered 100.0% .. 100.0% of items exactly as fcfs" in text  # the exact pair
+    assert "- Produced by: commit" in text
     for name in ("accuracy_vs_capacity.png", "mmbench_categories.png", "hit_rate_vs_capacity.png"):
         assert (tmp_path / "docs" / "results" / name).exists()
         assert f"](results/{name})" in text
@@ -321,6 +322,8 @@ def test_sweep_on_a_random_tiny_vlm(random_vlm, tmp_path):
         expertflow = rows[f"{regime}-per-layer-s2-expertflow-skip"]
         assert expertflow["vqav2_mcnemar_p_vs_fcfs"] != "" and expertflow["agree_vs_fcfs"] != ""
     assert (out / "accuracy_vs_capacity.png").exists() and (out / "accuracy_vs_throughput.png").exists()
+    made = json.loads((out / "cells" / "direct-per-layer-s2-fcfs-skip" / "metrics.json").read_text())
+    assert len(made["commit"]) == 12 and made["loadavg_1m"] >= 0, made  # what produced the cell
 
     # Resume: nothing left to run, no engine started; outputs untouched.
     before = (out / "cells" / "direct-per-layer-s2-fcfs-skip" / "metrics.json").stat().st_mtime_ns

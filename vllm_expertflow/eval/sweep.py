@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -598,15 +599,35 @@ def copy_cell(src: Path, dst: Path, meta: dict[str, Any]) -> None:
     for name in ("vqav2.jsonl", "mmbench.jsonl"):
         shutil.copyfile(src / name, dst / name)
     metrics = json.loads((src / "metrics.json").read_text())
-    metrics.update(meta)
+    metrics.update({k: v for k, v in meta.items() if k not in PROVENANCE_KEYS})  # the outputs' source made them
     metrics["reused_from"] = src.name
     tmp = dst / "metrics.json.tmp"
     tmp.write_text(json.dumps(metrics, indent=1))
     os.replace(tmp, dst / "metrics.json")
 
 
+PROVENANCE_KEYS = ("commit", "dirty", "loadavg_1m", "cpus")
+
+
+def provenance() -> dict[str, Any]:
+    """What produced a cell: the commit (and whether the tree had uncommitted changes) and the machine's load,
+    so a results file made from cells of several runs can say which code and conditions each came from."""
+    repo = Path(__file__).resolve().parents[2]
+
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, timeout=10,
+                                  check=True).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "--short=12", "HEAD"), "dirty": bool(status) if status is not None else None,
+            "loadavg_1m": round(os.getloadavg()[0], 2), "cpus": os.cpu_count()}
+
+
 def cell_meta(cell: Cell, memory: ModelMemory, cache_policy: str) -> dict[str, Any]:
-    meta = {"cell": cell.id, **dataclasses.asdict(cell), "capacity_pct": cell.capacity_pct, "top_k": memory.top_k,
+    meta = {"cell": cell.id, **provenance(), **dataclasses.asdict(cell), "capacity_pct": cell.capacity_pct, "top_k": memory.top_k,
             "num_experts": memory.num_experts, "offload": cell.offload(cache_policy), "engine_args": cell.engine_args()}
     if cell.kind == "budget":
         meta["memory_budget_mib"] = cell.memory_budget_pct / 100 * memory.all_experts_bytes / 2**20
