@@ -952,12 +952,6 @@ def _path_key(path: str | None, out: Path) -> str | None:
         return str(Path(path).resolve())
 
 
-def _axis(text: str | None, cast=str) -> list | None:
-    if text is None:
-        return None
-    return [cast(v.strip()) for v in text.split(",") if v.strip()]
-
-
 def _axis(text: str | None, cast=str) -> tuple | None:
     if text is None:
         return None
