@@ -23,7 +23,7 @@ from vllm_expertflow.config import (
     ExpertOffloadConfigError,
 )
 from vllm_expertflow.vllm_adapter.stats import ensure_stats_dir, register_prometheus_collector
-from vllm_expertflow.vllm_adapter.vllm_api import EngineArgs, init_logger
+from vllm_expertflow.vllm_adapter.vllm_api import EngineArgs, init_logger, install_cli_args
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
@@ -119,13 +119,10 @@ def add_cli_args(parser):
     return parser
 
 
-def carry_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
+def cli_additional_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``additional_config`` entries the given flags make (merged into the user's)."""
     given = {key: getattr(args, dest) for dest, key in CLI_KEYS.items() if getattr(args, dest, None) is not None}
-    if given:
-        additional = dict(engine_args.additional_config or {})
-        additional[ADDITIONAL_CONFIG_KEY] = {**additional.get(ADDITIONAL_CONFIG_KEY, {}), **given}
-        engine_args.additional_config = additional
-    return engine_args
+    return {ADDITIONAL_CONFIG_KEY: given} if given else {}
 
 
 def prepare_engine_args(engine_args: Any) -> ExpertOffloadConfig:
@@ -256,18 +253,11 @@ def estimate_num_moe_layers(text_config: Any, num_layers: int) -> int:
 
 
 def install() -> None:
-    """Wrap EngineArgs so the flags exist and the checks run; idempotent."""
+    """Add the flags and wrap EngineArgs so the checks run; idempotent."""
+    install_cli_args(add_cli_args, cli_additional_config)
     if getattr(EngineArgs, "_expertflow_installed", False):
         return
-    original_add_cli_args = EngineArgs.add_cli_args
-    original_from_cli_args = EngineArgs.from_cli_args.__func__
     original_create_engine_config = EngineArgs.create_engine_config
-
-    def add_cli_args_with_offload(parser):
-        return add_cli_args(original_add_cli_args(parser))
-
-    def from_cli_args_with_offload(cls, args):
-        return carry_cli_args(original_from_cli_args(cls, args), args)
 
     def create_engine_config_with_offload(self, *args, **kwargs):
         offload = prepare_engine_args(self)
@@ -275,7 +265,5 @@ def install() -> None:
         check_model(offload, vllm_config)
         return vllm_config
 
-    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_offload)
-    EngineArgs.from_cli_args = classmethod(from_cli_args_with_offload)
     EngineArgs.create_engine_config = create_engine_config_with_offload
     EngineArgs._expertflow_installed = True
