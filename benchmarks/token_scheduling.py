@@ -133,6 +133,11 @@ def run_setting(args, offload: dict) -> dict:
     tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in token_times.values() if len(t) > 1]
     generated = sum(len(t) for t in token_times.values())
     timing = trace_timing(trace, offload["cache_slots"], args)
+    # The cache policy changes loads, not the steps: each policy replays the same trace.
+    by_policy = {}
+    for policy in args.replay_policies.split(","):
+        replayed = trace_timing(trace, offload["cache_slots"], args, policy)
+        by_policy[policy] = {**replayed, "loads_per_token": replayed["replayed_loads"] / generated}
     if timing["replayed_loads"] != stats["loads"]:
         print(f"warning: the trace replays to {timing['replayed_loads']} loads, the live cache counted {stats['loads']}",
               file=sys.stderr)
@@ -146,12 +151,17 @@ def run_setting(args, offload: dict) -> dict:
         "ttft_p50": percentile(ttft, 0.5), "ttft_p99": percentile(ttft, 0.99),
         "tpot_p50": percentile(tpot, 0.5), "tpot_p99": percentile(tpot, 0.99),
         **timing,
+        "by_policy": by_policy,
         **_grouping_stats(llm),
         "tokens": token_ids,
     }
 
 
-def trace_timing(trace, slots: int, args) -> dict:
+# Replayable cache policies: the plugin's, and vLLM PR #37190's LFRU (freq / age) as its docs describe it.
+REPLAY_POLICIES = {"lru": ("lru", {}), "lfru": ("lfru", {}), "lfru-37190": ("lfru", {"score": "freq_over_age"})}
+
+
+def trace_timing(trace, slots: int, args, policy: str = "lru") -> dict:
     """TPOT from the routing trace, free of the shared CPU's timing noise: in engine steps, and modeled.
 
     Each step's expert loads come from replaying the trace through the live cache's LRU and pass
@@ -165,7 +175,8 @@ def trace_timing(trace, slots: int, args) -> dict:
     from vllm_expertflow.core.slot_cache import plan_passes
     from vllm_expertflow.core.slot_map import SlotMap
 
-    maps = [SlotMap(trace.num_experts, slots, make_policy("lru")) for _ in range(trace.num_layers)]
+    name, options = REPLAY_POLICIES[policy]
+    maps = [SlotMap(trace.num_experts, slots, make_policy(name, **options)) for _ in range(trace.num_layers)]
     loads = []
     for step_ids in trace.iter_steps():  # [step_tokens, layers, top_k]
         before = sum(m.stats.loads for m in maps)
@@ -354,9 +365,15 @@ def main() -> int:
     parser.add_argument("--replay-compute-ms", type=float, default=10.0, help="modeled compute per step")
     parser.add_argument("--replay-expert-mb", type=float, default=9.437, help="bytes per expert (3 x 2048 x 768 bf16)")
     parser.add_argument("--replay-link-gbps", type=float, default=25.0, help="modeled host-to-device GB/s")
+    parser.add_argument("--replay-policies", default="lru",
+                        help=f"cache policies each live run's trace is replayed with, of {list(REPLAY_POLICIES)}")
+    parser.add_argument("--no-core-replay", action="store_true", help="skip the core replay on clustered routing")
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # internal: run one setting, print JSON
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "token_scheduling"))
     args = parser.parse_args()
+    unknown = [p for p in args.replay_policies.split(",") if p not in REPLAY_POLICIES]
+    if unknown:
+        parser.error(f"--replay-policies {unknown} unknown; valid: {list(REPLAY_POLICIES)}")
     if args.model is None and not args.setting:
         args.model = DEFAULT_MODELS[args.workload]
     for key, value in WORKLOAD_DEFAULTS[args.workload].items():
@@ -371,6 +388,8 @@ def main() -> int:
     if not args.replay_only:
         args.model = resolve_model(args.model)
         run_live(args, out if args.workload == "mixed" else out.with_name(f"{out.name}_{args.workload}"))
+    if args.no_core_replay:
+        return 0
     replay_rows = replay_clustered(args)
     replay = replay_table(args, replay_rows)
     print(replay)
@@ -388,6 +407,8 @@ def run_live(args, out: Path) -> None:
     for topics in topic_counts:
         rows = run_settings(args, topics)
         section = live_header(args, topics) + "\n\n" + live_table(rows)
+        if len(args.replay_policies.split(",")) > 1:
+            section += "\n\n" + policy_table(rows, args.replay_policies.split(","))
         print(section)
         sections.append(section)
         all_rows += [{"topics": topics, **row} for row in rows]
@@ -457,6 +478,29 @@ def replay_options(args) -> list[str]:
     """The parent's --replay-* options, for a child that models TPOT with them."""
     return [item for name, value in vars(args).items() if name.startswith("replay_") and name != "replay_only"
             for item in (f"--{name.replace('_', '-')}", str(value))]
+
+
+def policy_table(rows: list[dict], policies: list[str]) -> str:
+    """Each run's trace replayed with each cache policy: loads and modeled TPOT side by side."""
+    lines = ["Cache policies on each run's routing trace (the live cache is LRU; a policy changes the loads, not "
+             "the steps): `lfru` is this plugin's (score halves every 256 accesses), `lfru-37190` vLLM PR #37190's "
+             "as its documentation describes it (freq / age, frequency forgotten on eviction).",
+             "",
+             "| capacity | scheduling | cache policy | loads/token | ratio to fcfs + lru | modeled TPOT p50/p99 (ms) "
+             "| p99 ratio to fcfs + lru | TPOT steps p99 |",
+             "|---|---|---|---:|---:|---|---:|---:|"]
+    for row in rows:
+        base = next(r for r in rows if r["capacity_pct"] == row["capacity_pct"] and r["scheduling"] == "fcfs")
+        base = base["by_policy"]["lru"] if "lru" in base["by_policy"] else next(iter(base["by_policy"].values()))
+        for policy in policies:
+            result = row["by_policy"][policy]
+            loads_ratio = result["loads_per_token"] / base["loads_per_token"] if base["loads_per_token"] else 1.0
+            lines.append(
+                f"| {row['capacity_pct']}% ({row['slots']} slots) | {row['scheduling']} | {policy} | "
+                f"{result['loads_per_token']:.3f} | {loads_ratio:.3f} | "
+                f"{result['tpot_modeled_ms_p50']:.1f}/{result['tpot_modeled_ms_p99']:.1f} | "
+                f"{result['tpot_modeled_ms_p99'] / base['tpot_modeled_ms_p99']:.2f} | {result['tpot_steps_p99']:.2f} |")
+    return "\n".join(lines)
 
 
 def live_header(args, topics: int | None) -> str:

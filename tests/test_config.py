@@ -82,10 +82,27 @@ def test_prefetch_modes_and_predictor_path_go_together():
         parse(enabled=False, prefetch="lookahead")
 
 
-@pytest.mark.parametrize("raw", [{"policy": "expertflow"}, {"prefetch": "lookahead"}])
-def test_lossy_miss_policies_are_refused_with_expertflow_and_prefetch(raw):
+def test_lossy_miss_policies_are_refused_with_prefetch_but_run_in_the_global_pool():
     with pytest.raises(ExpertOffloadConfigError, match="miss_policy='skip'"):
-        parse(enabled=True, cache_slots=4, miss_policy="skip", **raw)
+        parse(enabled=True, cache_slots=4, miss_policy="skip", prefetch="lookahead")
+    for miss_policy in ("skip", "substitute", "reroute"):
+        assert parse(enabled=True, cache_slots=4, miss_policy=miss_policy, policy="expertflow").miss_policy == miss_policy
+
+
+def test_reroute_margin_is_checked_and_defaults_to_one_logit():
+    config = parse(enabled=True, cache_slots=4, miss_policy="reroute")
+    assert config.reroute_margin is None and config.effective_reroute_margin == 1.0
+    config = parse(enabled=True, cache_slots=4, miss_policy="reroute", reroute_margin="0.25")
+    assert config.effective_reroute_margin == 0.25
+    assert ExpertOffloadConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ExpertOffloadConfigError, match=r"reroute_margin=0.5 \(--expert-reroute-margin\) is only used "
+                       r"with miss_policy 'reroute', but miss_policy is 'skip'"):
+        parse(enabled=True, cache_slots=4, miss_policy="skip", reroute_margin=0.5)
+    for bad in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ExpertOffloadConfigError, match="reroute_margin must be a finite number >= 0"):
+            parse(enabled=True, cache_slots=4, miss_policy="reroute", reroute_margin=bad)
+    with pytest.raises(ExpertOffloadConfigError, match="'drop'.*'reroute'"):
+        parse(enabled=True, cache_slots=4, miss_policy="drop")
 
 
 def test_scheduling_knobs_are_checked_and_reach_the_grouper_settings():

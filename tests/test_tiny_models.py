@@ -106,3 +106,24 @@ def test_requests_route_inside_their_topic(routing):
 def test_greedy_decoding_stays_in_the_prompt_topic(routing):
     results, _ = routing
     assert np.mean([np.mean([w in TOPIC_WORDS[topic] for w in words]) for topic, _, _, words in results]) > 0.9
+
+
+def test_study_shape_vlm_has_the_study_models_shape_and_the_released_expert_layout(tmp_path):
+    import json
+
+    from safetensors import safe_open
+
+    from vllm_expertflow.tiny_models import STUDY_SHAPE, build_study_shape_vlm
+
+    out = build_study_shape_vlm(tmp_path / "study-shape")
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert (text["num_hidden_layers"], text["num_local_experts"], text["num_experts_per_tok"],
+            text["moe_intermediate_size"], text["hidden_size"], text["mlp_only_layers"]) == (6, 128, 8, 32, 192, [])
+    assert STUDY_SHAPE["num_experts"] == 128
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        gate_up = [k for k in f.keys() if k.endswith("layers.0.mlp.experts.gate_up_proj")]
+        down = [k for k in f.keys() if k.endswith("layers.0.mlp.experts.down_proj")]
+        assert f.get_slice(gate_up[0]).get_shape() == [128, 192, 64]  # [E, H, 2I], as vLLM's loader expects
+        assert f.get_slice(down[0]).get_shape() == [128, 32, 192]  # [E, I, H]
+    assert (out / "tokenizer.json").exists() and (out / "processor_config.json").exists()
+    assert build_study_shape_vlm(out) == out  # a second call reuses the build

@@ -19,8 +19,10 @@ from typing import Any
 ADDITIONAL_CONFIG_KEY = "expert_offload"
 
 # What the layer does with experts that are not resident. Only "exact" is lossless; the
-# others exist for the accuracy study and change the model's outputs.
-MISS_POLICIES = ("exact", "skip", "substitute")
+# others exist for the accuracy study and change the model's outputs (core/miss_policies.py).
+MISS_POLICIES = ("exact", "skip", "substitute", "reroute")
+# reroute: a missing expert may be replaced by one the router scored at most this much lower (logits).
+DEFAULT_REROUTE_MARGIN = 1.0
 
 # How the scheduler composes each step when offload is on.
 SCHEDULING_POLICIES = ("expertflow", "fcfs")
@@ -50,7 +52,8 @@ class ExpertOffloadConfig:
     policy: str = "lru"
     trace_dir: str | None = None  # record routing traces here (docs/trace-format.md)
     scheduling: str = "expertflow"  # step composition: expert-aware grouping or vLLM's own FCFS
-    miss_policy: str = "exact"  # lossy "skip"/"substitute" only for the accuracy study
+    miss_policy: str = "exact"  # lossy "skip"/"substitute"/"reroute" only for the accuracy study
+    reroute_margin: float | None = None  # miss_policy "reroute" only; None: DEFAULT_REROUTE_MARGIN
     max_skip_steps: int = 2  # fairness: a running request sits out at most this many consecutive steps
     min_run_fraction: float = 0.5  # throughput: at least this share of the running requests runs every step
     # Hold requests back only if the chosen ones' excess over the slots is at most this share of
@@ -114,12 +117,16 @@ class ExpertOffloadConfig:
                 f"predictor_path={self.predictor_path!r} (--expert-predictor) is only used with prefetch "
                 f"'predictor' (--expert-prefetch predictor), but prefetch is {self.prefetch!r}"
             )
-        if self.policy == EXPERTFLOW_POLICY and self.miss_policy != "exact":
-            raise ExpertOffloadConfigError(
-                f"expert cache policy 'expertflow' runs lossless only; miss_policy={self.miss_policy!r} cannot be "
-                f"combined with it. Valid: miss_policy 'exact' with 'expertflow', or a lossy miss policy with "
-                f"{[p for p in CACHE_POLICIES if p != EXPERTFLOW_POLICY]}"
-            )
+        if self.reroute_margin is not None:
+            if self.miss_policy != "reroute":
+                raise ExpertOffloadConfigError(
+                    f"reroute_margin={self.reroute_margin} (--expert-reroute-margin) is only used with miss_policy "
+                    f"'reroute', but miss_policy is {self.miss_policy!r}"
+                )
+            if not (self.reroute_margin >= 0 and math.isfinite(self.reroute_margin)):
+                raise ExpertOffloadConfigError(
+                    f"reroute_margin must be a finite number >= 0 (router logits), got {self.reroute_margin}"
+                )
         if self.prefetch != "none" and self.miss_policy != "exact":
             raise ExpertOffloadConfigError(
                 f"expert prefetch {self.prefetch!r} works with miss_policy 'exact' only (the lossy policies load "
@@ -157,6 +164,10 @@ class ExpertOffloadConfig:
                 f"expert offload needs exactly one of cache_slots (--expert-cache-slots) or cache_gb "
                 f"(--expert-cache-gb); {given} given (cache_slots={self.cache_slots}, cache_gb={self.cache_gb})"
             )
+
+    @property
+    def effective_reroute_margin(self) -> float:
+        return DEFAULT_REROUTE_MARGIN if self.reroute_margin is None else self.reroute_margin
 
     def to_dict(self) -> dict[str, Any]:
         """The user settings that ``from_dict`` turns back into this config (None kept where it is not the default)."""
@@ -255,6 +266,8 @@ def _coerce(key: str, value: Any) -> Any:
             return str(value).lower()
         if key == "min_run_fraction":
             return float(value)
+        if key == "reroute_margin":
+            return None if value in (None, "", "none") else float(value)
         if key == "max_overflow_ratio":
             return None if value in (None, "", "none") else float(value)
         if key == "max_skip_steps":

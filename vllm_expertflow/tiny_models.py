@@ -301,3 +301,58 @@ def sample_image_requests(model: str | os.PathLike, count: int, *, seed: int = 0
         prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         requests.append({"prompt": prompt, "multi_modal_data": {"image": synthetic_image(seed * 1000 + i)}})
     return requests
+
+
+# The study model's shape (Qwen3-VL-MoE; text: hidden 192, 6 layers all MoE, 128 experts top-8,
+# moe_intermediate 32; vision tower, tokenizer and processor as the bundled toy VLM's), for developing
+# the accuracy study before the trained model exists: random weights, so its answers are garbage.
+STUDY_SHAPE = {"num_hidden_layers": 6, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 32}
+TOY_VLM = Path(__file__).resolve().parents[1] / "models" / "toy-qwen3-vl-moe"
+_TOY_VLM_FILES = ("tokenizer.json", "tokenizer_config.json", "processor_config.json", "chat_template.jinja",
+                  "generation_config.json")
+
+
+def build_study_shape_vlm(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a random Qwen3-VL-MoE of the study model's shape to ``out_dir`` (skipped if present), bf16.
+
+    Fused experts are saved in the released layout vLLM's loader expects (``gate_up_proj [E, H, 2I]``,
+    ``down_proj [E, I, H]``), not transformers' internal one; ``2I != H`` and ``I != H``, so a mix-up
+    would fail to load rather than load silently wrong.
+    """
+    import shutil
+
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    out = Path(out_dir)
+    marker = out / "expertflow-tiny.json"
+    recipe = {"shape": "study_qwen3_vl_moe", "seed": seed, "text": STUDY_SHAPE, "version": 1}
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return out
+    config = Qwen3VLMoeConfig.from_pretrained(TOY_VLM)
+    for key, value in STUDY_SHAPE.items():
+        setattr(config.text_config, key, value)
+    config.text_config.mlp_only_layers = []
+    config.text_config.decoder_sparse_step = 1
+    hidden, inter = config.text_config.hidden_size, config.text_config.moe_intermediate_size
+    assert 2 * inter != hidden and inter != hidden and hidden % 32 == 0
+    torch.manual_seed(seed)
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    _skew_routers(model, torch.Generator().manual_seed(seed))
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            tensor = tensor.transpose(1, 2)
+        state[name] = tensor.detach().to(torch.bfloat16).contiguous()
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    config.dtype = config.text_config.dtype = config.vision_config.dtype = "bfloat16"
+    config.architectures = ["Qwen3VLMoeForConditionalGeneration"]
+    config.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in _TOY_VLM_FILES:
+        if (TOY_VLM / name).exists():
+            shutil.copyfile(TOY_VLM / name, out / name)
+    marker.write_text(json.dumps(recipe))
+    return out

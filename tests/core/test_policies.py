@@ -59,6 +59,20 @@ def test_lfru_decay_moves_between_lru_and_lfu():
         LFRUPolicy(half_life=0)
 
 
+def test_lfru_freq_over_age_is_pr_37190s_score():
+    # 0 was used 4 times long ago, 1 and 2 three times each lately: LFU (and a slow decay) keeps
+    # the most frequent, #37190's freq / age lets the old one go.
+    passes = [[0]] * 4 + [[1], [2]] * 3 + [[3]]
+    assert evicted_by(LFRUPolicy(), passes, num_slots=3) == {1}
+    assert evicted_by(LFRUPolicy(score="freq_over_age"), passes, num_slots=3) == {0}
+    # Its frequency is the entry's: an evicted expert comes back with a count of 1.
+    policy = LFRUPolicy(score="freq_over_age")
+    replay(policy, [[0], [0], [1], [2], [0]], num_slots=2)
+    assert policy._freq == {0: 1, 2: 1}
+    with pytest.raises(ValueError, match="valid: \\['decayed', 'freq_over_age'\\]"):
+        LFRUPolicy(score="age")
+
+
 def test_static_pins_warm_up_favourites():
     policy = StaticPolicy()
     policy.warm_up([1, 50, 10, 0])

@@ -199,7 +199,7 @@ def test_tokens_without_a_resident_expert_run_exactly():
     x, w = torch.randn(3, 4), torch.rand(3, 2)
     out = cache.run_lossy(x, w, topk_ids, slot_kernel, "skip")
     torch.testing.assert_close(out, reference_moe(store, x, w, topk_ids), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="valid: \\['skip', 'substitute'\\]"):
+    with pytest.raises(ValueError, match="valid: \\['skip', 'substitute', 'reroute'\\]"):
         cache.run_lossy(torch.randn(1, 4), torch.ones(1, 2), topk_ids[:1], slot_kernel, "drop")
 
 

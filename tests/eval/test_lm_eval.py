@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vllm_expertflow.eval import harness, sweep
+from vllm_expertflow.eval import harness, prompts, sweep
 from vllm_expertflow.eval.lm_eval_tasks import utils
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +29,7 @@ def test_shipped_task_yamls_load_and_resolve_functions():
         assert cfg["dataset_path"] == "parquet"
         assert cfg["dataset_kwargs"]["data_files"]["test"].startswith("data/lm_eval/")
         assert callable(cfg["process_results"]) and callable(cfg["doc_to_text"])
-        assert cfg["generation_kwargs"]["max_gen_toks"] == sweep.DEFAULT_MAX_TOKENS
+        assert cfg["generation_kwargs"]["max_gen_toks"] == prompts.MAX_TOKENS["direct"]
         assert cfg["generation_kwargs"]["until"] == sweep.STOP
     assert set(names) == {"vqav2_local", "mmbench_local", "vqav2_easyvqa", "mmbench_easyvqa"}
 
@@ -56,6 +56,31 @@ def test_make_tasks_selects_the_sweep_items(tmp_path):
     assert [d["question_id"] for d in vqa_docs] == [i.question_id for i in vqa_items]
     assert utils.vqav2_answers(vqa_docs[0]) == vqa_items[0].answers
     assert utils.vqav2_doc_to_image(vqa_docs[0])[0].size == vqa_items[0].load_image().size
+
+
+def test_rationale_tasks_prompt_and_score_as_the_sweep(tmp_path):
+    import datasets
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    vqa, mmb = sweep.easy_vqa_files(tmp_path / "data", limit=3)
+    written = harness.make_tasks(tmp_path / "tasks", vqa=str(vqa), mmbench_file=str(mmb), limit=2, regime="rationale")
+    assert [p.name for p in written] == ["vqav2_local_rationale.yaml", "mmbench_local_rationale.yaml"]
+    vqa_cfg, mmb_cfg = (load_yaml(p) for p in written)
+    assert vqa_cfg["generation_kwargs"]["max_gen_toks"] == prompts.MAX_TOKENS["rationale"]
+    docs = datasets.load_dataset("parquet", data_files=mmb_cfg["dataset_kwargs"]["data_files"],
+                                 cache_dir=str(tmp_path / "hf"))["test"]
+    item = sweep.select_mmbench(sweep.load_mmbench(mmb), 2)[0]
+    text = mmb_cfg["doc_to_text"](docs[0])
+    assert text == "<image>" + prompts.mc_prompt(item.question, list(item.options.values()), "rationale")
+    right = f"I see it.\nAnswer: {item.answer}"
+    assert mmb_cfg["process_results"](docs[0], [right])["mmbench_row_accuracy"] == 1.0
+    assert mmb_cfg["process_results"](docs[0], [item.answer])["mmbench_row_accuracy"] == 0.0  # no marker
+    vqa_docs = datasets.load_dataset("parquet", data_files=vqa_cfg["dataset_kwargs"]["data_files"],
+                                     cache_dir=str(tmp_path / "hf"))["test"]
+    answer = utils.vqav2_answers(vqa_docs[0])[0]
+    assert vqa_cfg["doc_to_text"](vqa_docs[0]).endswith(prompts.RATIONALE_OPEN_SUFFIX)
+    assert vqa_cfg["process_results"](vqa_docs[0], [f"The answer is clear.\nAnswer: {answer}"]) == {
+        "vqav2_accuracy": 1.0}
 
 
 def test_metric_functions_match_the_project_metrics():

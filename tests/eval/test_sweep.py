@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import subprocess
 import sys
@@ -36,43 +37,87 @@ def test_slots_for_rejects_bad_capacity():
         sweep.slots_for(150, 8, 2)
 
 
-def test_full_grid_has_every_combination_and_lossy_global_cells_unavailable():
-    cells = sweep.build_grid("full")
-    assert len(cells) == 5 * 2 * 2 * 3
-    assert len({c.id for c in cells}) == len(cells)
-    assert {c.capacity_pct for c in cells} == {100, 75, 50, 25, 12.5}
-    unavailable = [c for c in cells if not c.available]
-    assert {(c.budget_mode, c.miss_policy) for c in unavailable} == {("global", "skip"), ("global", "substitute")}
-    with pytest.raises(ValueError, match="exact miss policy only"):
-        sweep.offload_settings(unavailable[0], 4)
-    global_exact = next(c for c in cells if c.budget_mode == "global" and c.miss_policy == "exact")
-    assert sweep.offload_settings(global_exact, 4)["policy"] == "expertflow"  # one pool for all layers
+STUDY_SHAPE = sweep.ModelMemory(num_experts=128, top_k=8, moe_layers=6, bytes_per_expert=3 * 192 * 32 * 2,
+                                kv_bytes_per_block=2 * 6 * 2 * 64 * 2 * sweep.KV_BLOCK_SIZE)
+TOY = sweep.ModelMemory(num_experts=8, top_k=2, moe_layers=4, bytes_per_expert=3 * 192 * 128 * 2,
+                        kv_bytes_per_block=2 * 4 * 2 * 64 * 2 * sweep.KV_BLOCK_SIZE)
 
 
-def test_reduced_grid():
-    cells = sweep.build_grid("reduced")
-    assert {(c.capacity_pct, c.budget_mode, c.scheduling, c.miss_policy) for c in cells} == {
-        (cap, mode, s, m)
-        for cap in (100, 25)
-        for mode in ("per-layer", "global")
-        for s in ("fcfs", "expertflow")
-        for m in ("exact", "skip")
-    }
-    assert sweep.offload_settings(cells[0], 8) == {"enabled": True, "cache_slots": 8, "policy": "lru",
-                                                    "scheduling": cells[0].scheduling,
-                                                    "miss_policy": cells[0].miss_policy}
+def test_reduced_grid_is_both_regimes_two_capacities_two_schedulings_exact_and_one_lossy_policy():
+    cells = sweep.build_grid(sweep.GRIDS["reduced"], STUDY_SHAPE, max_model_len=256)
+    capacity = [c for c in cells if c.kind == "capacity"]
+    assert {(c.regime, c.slots, c.scheduling, c.miss_policy) for c in capacity} == {
+        (r, s, sched, m) for r in ("direct", "rationale") for s in (128, 32) for sched in ("fcfs", "expertflow")
+        for m in ("exact", "reroute")}
+    assert [c.id for c in cells if c.kind in ("off", "control")] == ["direct-off", "rationale-off"]
+    # One engine per setting for both regimes; with every expert resident scheduling and miss policy cannot act.
+    assert len({c.engine_key() for c in cells}) == 1 + 1 + 4
+    full = sweep.build_grid(sweep.GRIDS["full"], STUDY_SHAPE, max_model_len=256)
+    assert "rationale-off-seq1" in [c.id for c in full]
+    assert capacity[0].offload() == {"enabled": True, "cache_slots": 128, "policy": "lru", "scheduling": "fcfs",
+                                     "miss_policy": "exact"}
+
+
+def test_full_grid_runs_every_cell_with_1000_questions_and_three_memory_budgets():
+    grid = sweep.GRIDS["full"]
+    assert grid.questions >= 1000 and len(grid.memory_budgets) >= 3 and len(grid.expert_shares) >= 2
+    cells = sweep.build_grid(grid, STUDY_SHAPE, max_model_len=256)
+    capacity = [c for c in cells if c.kind == "capacity"]
+    # Every budget mode with every miss policy: nothing is "not available".
+    assert {(c.budget_mode, c.miss_policy) for c in capacity} == {
+        (b, m) for b in ("per-layer", "global") for m in ("exact", "skip", "substitute", "reroute")}
+    budget = [c for c in cells if c.kind == "budget"]
+    assert {(c.memory_budget_pct, c.expert_share) for c in budget} == {
+        (b, e) for b in grid.memory_budgets for e in grid.expert_shares}
+    for c in budget:  # each split fits its budget, and a larger expert share never gets fewer slots
+        used = c.slots * STUDY_SHAPE.moe_layers * STUDY_SHAPE.bytes_per_expert + c.kv_blocks * STUDY_SHAPE.kv_bytes_per_block
+        assert used <= c.memory_budget_pct / 100 * STUDY_SHAPE.all_experts_bytes
+        assert c.kv_blocks >= 256 // sweep.KV_BLOCK_SIZE and c.slots >= 8
+        assert c.engine_args() == {"num_gpu_blocks_override": c.kv_blocks}
+    for b in grid.memory_budgets:
+        slots = [c.slots for c in sorted(budget, key=lambda c: c.expert_share) if c.memory_budget_pct == b]
+        assert slots == sorted(slots)
+
+
+def test_capacities_with_the_same_slot_count_are_one_cell():
+    grid = dataclasses.replace(sweep.GRIDS["reduced"], capacities=(100.0, 25.0, 12.5), regimes=("direct",),
+                               numerics_control=False)
+    cells = sweep.build_grid(grid, TOY, max_model_len=256)
+    assert sorted({c.slots for c in cells if c.kind == "capacity"}) == [2, 8]  # 25% and 12.5% of 8: top_k = 2
+    assert len([c for c in cells if c.kind == "capacity"]) == 2 * 2 * 2
+
+
+def test_memory_split_keeps_one_request_of_kv_and_refuses_a_budget_below_top_k():
+    # 25% of the study shape's experts: 7.08 MB; half to experts = 16 slots per layer, the rest 36 blocks.
+    assert STUDY_SHAPE.split(25, 0.5, 8) == (16, 36)
+    slots, blocks = STUDY_SHAPE.split(25, 0.99, 8)
+    assert blocks >= 8  # never below one request of max_model_len
+    assert STUDY_SHAPE.split(1, 0.5, 8) is None
+    grid = dataclasses.replace(sweep.GRIDS["reduced"], memory_budgets=(1.0,), expert_shares=(0.5,),
+                               budget_miss_policies=("exact",))
+    with pytest.raises(ValueError, match="cannot hold top_k=8 slots"):
+        sweep.build_grid(grid, STUDY_SHAPE, max_model_len=256)
 
 
 def test_grid_overrides_are_validated():
-    cells = sweep.build_grid(
-        "reduced", capacities=[50], budget_modes=["per-layer"], schedulings=["expertflow"], miss_policies=["substitute"]
-    )
-    assert [c.id for c in cells] == ["per-layer-c50-expertflow-substitute"]
-    assert sweep.build_grid("full", capacities=[]) == []
-    with pytest.raises(ValueError, match="miss policy"):
-        sweep.build_grid("reduced", miss_policies=["drop"])
-    with pytest.raises(ValueError, match="budget mode"):
-        sweep.build_grid("reduced", budget_modes=["shared"])
+    args = sweep.parse_args(["--grid", "full", "--capacities", "50", "--budget-modes", "global", "--schedulings",
+                             "expertflow", "--miss-policies", "reroute", "--memory-budgets", "50", "--expert-shares",
+                             "0.5", "--questions", "7", "--regimes", "rationale"])
+    assert args.grid_spec.questions == 7 and args.grid_spec.regimes == ("rationale",)
+    cells = sweep.build_grid(args.grid_spec, STUDY_SHAPE, max_model_len=256)
+    assert "rationale-global-s64-expertflow-reroute" in [c.id for c in cells]
+    assert sweep.parse_args(["--questions", "0"]).grid_spec.questions is None  # all
+    for bad in (["--miss-policies", "drop"], ["--budget-modes", "shared"], ["--regimes", "chatty"]):
+        with pytest.raises(ValueError, match="unknown"):
+            sweep.build_grid(sweep.parse_args(bad).grid_spec, STUDY_SHAPE, max_model_len=256)
+
+
+def test_model_memory_reads_the_study_shape(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": {
+        "num_experts": 128, "num_experts_per_tok": 8, "num_hidden_layers": 6, "hidden_size": 192,
+        "moe_intermediate_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+        "mlp_only_layers": [], "decoder_sparse_step": 1}}))
+    assert sweep.model_memory(str(tmp_path)) == STUDY_SHAPE
 
 
 def test_moe_shape_reads_nested_text_config(tmp_path):
@@ -119,96 +164,115 @@ def test_easy_vqa_files_are_the_same_questions_in_both_formats(tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Aggregation and RESULTS.md on a synthetic sweep directory (no engine)
+# Scoring of both regimes
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_cell(out: Path, cell_id: str, meta: dict, vqa_preds: list[str], mmb_preds: list[str],
-               cache: dict | None) -> None:
-    d = out / "cells" / cell_id
+def test_rationale_is_scored_on_the_answer_after_the_last_marker():
+    answers = ["red"] * 10
+    text = "I look at the image. I see one red circle. The question asks for the color. The color is red.\nAnswer: red"
+    assert sweep.score_vqa(text, answers, "rationale") == (1.0, True)
+    assert sweep.score_vqa("Answer: blue. Wait.\nAnswer: red", answers, "rationale") == (1.0, True)
+    assert sweep.score_vqa("The color is red.", answers, "rationale") == (0.0, False)  # no marker: wrong
+    assert sweep.score_vqa("red", answers, "direct") == (1.0, True)
+    row = mmbench.MMBenchItem(0, "What color?", "", {"A": "blue", "B": "red", "C": "green", "D": "gray"}, "B", "color")
+    assert sweep.score_mmbench("I see one red circle. Option B is red.\nAnswer: B", row, "rationale") == ("B", True)
+    assert sweep.score_mmbench("Option B is red.", row, "rationale") == (None, False)
+    assert sweep.score_mmbench("B", row, "direct") == ("B", True)
+    assert [sweep.question_kind([a]) for a in ("yes", "circle", "red", "42")] == ["yes/no", "shape", "color", "other"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Aggregation, statistics and RESULTS.md on a synthetic sweep directory (no engine)
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_cell(out: Path, cell: sweep.Cell, vqa_right: list[bool], mmb_right: list[bool], cache: dict | None,
+               prediction_suffix: str = "") -> None:
+    d = out / "cells" / cell.id
     d.mkdir(parents=True)
     with open(d / "vqav2.jsonl", "w") as f:
-        for qid, p in enumerate(vqa_preds):
-            f.write(json.dumps({"question_id": qid, "prediction": p, "answers": ["red"] * 10}) + "\n")
+        for qid, right in enumerate(vqa_right):
+            f.write(json.dumps({"question_id": qid, "prediction": ("red" if right else "blue") + prediction_suffix,
+                                "answers": ["red"] * 10, "kind": ["color", "shape", "yes/no"][qid % 3],
+                                "score": float(right), "parsed": True}) + "\n")
     with open(d / "mmbench.jsonl", "w") as f:
-        for k, p in enumerate(mmb_preds):  # one question, rotations 0..3; the answer is always A
-            f.write(json.dumps({"index": k * 1_000_000, "prediction": p, "answer": "A",
-                                "options": {"A": "a", "B": "b"}, "correct": p == "A"}) + "\n")
-    (d / "metrics.json").write_text(json.dumps({**meta, "cell": cell_id, "generated_tokens": 10, "generate_s": 2.0,
-                                                "init_s": 1.0, "cache": cache, "moe_layers": 4,
-                                                "bytes_per_expert": 1024 * 1024}))
+        for q, right in enumerate(mmb_right):  # one row per question: CircularEval on a single rotation
+            f.write(json.dumps({"index": q, "prediction": "A" if right else "B", "answer": "A", "category": "color",
+                                "options": {"A": "a", "B": "b"}, "correct": right, "parsed": True}) + "\n")
+    (d / "metrics.json").write_text(json.dumps({"cell": cell.id, "generated_tokens": 100, "generate_s": 2.0,
+                                                "init_s": 1.0, "cache": cache, "moe_layers": 6,
+                                                "bytes_per_expert": 36864, "engine_steps": 10,
+                                                "modeled_tokens_per_s": 50.0, "modeled_tpot_ms_p50": 1.5,
+                                                "modeled_tpot_ms_p99": 3.0}))
 
 
 def _synthetic_sweep(out: Path) -> list[sweep.Cell]:
-    cells = sweep.build_grid("reduced", capacities=[100, 25], budget_modes=["per-layer", "global"],
-                             schedulings=["fcfs", "expertflow"], miss_policies=["exact", "skip"])
-    _fake_cell(out, "baseline", {"budget_mode": "off", "num_experts": 8, "top_k": 2}, ["red", "blue"],
-               ["A", "A", "A", "A"], None)
-    for c in cells:
-        if not c.available or c.id == "per-layer-c25-expertflow-skip":
-            continue  # the last one stays pending
-        lossy = c.miss_policy == "skip" and c.capacity_pct == 25
-        meta = {**{"budget_mode": c.budget_mode, "capacity_pct": c.capacity_pct, "scheduling": c.scheduling,
-                   "miss_policy": c.miss_policy}, "slots": sweep.slots_for(c.capacity_pct, 8, 2), "num_experts": 8,
-                "top_k": 2}
-        cache = {"hit_rate": 0.9 if c.capacity_pct == 100 else 0.5, "hits": 9, "misses": 1, "loads": 5,
-                 "bytes_loaded": 5 << 20}
-        _fake_cell(out, c.id, meta, ["red", "green" if lossy else "blue"], ["A", "B" if lossy else "A", "A", "A"],
-                   cache)
+    """Offload off; per-layer 32 slots: fcfs/expertflow x exact/reroute; expertflow-reroute loses 60 of 200."""
+    grid = dataclasses.replace(sweep.GRIDS["reduced"], capacities=(25.0,), regimes=("rationale",),
+                               numerics_control=False)
+    cells = sweep.build_grid(grid, STUDY_SHAPE, max_model_len=256)
+    n = 200
+    for cell in cells:
+        vqa = [q % 2 == 0 for q in range(n)]  # offload off: half right
+        mmb = [q % 4 != 0 for q in range(n)]
+        if cell.scheduling == "expertflow" and cell.miss_policy == "reroute":
+            vqa = [right and q >= 120 for q, right in enumerate(vqa)]
+        cache = None if cell.kind == "off" else {"hit_rate": 0.5, "hits": 50, "misses": 50, "loads": 50,
+                                                 "bytes_loaded": 50 * 36864}
+        _fake_cell(out, cell, vqa, mmb, cache)
     return cells
 
 
-def test_aggregate_writes_csv_and_table_with_not_available_and_pending_cells(tmp_path):
-    cells = _synthetic_sweep(tmp_path)
-    rows = sweep.aggregate(tmp_path, cells, 8, 2)
-    with open(tmp_path / "cells.csv") as f:
-        csv_rows = list(csv.DictReader(f))
-    assert list(csv_rows[0]) == sweep.CSV_COLUMNS
-    by_cell = {r["cell"]: r for r in csv_rows}
-    assert len(csv_rows) == len(cells) + 1
-    base = by_cell["baseline"]
-    assert float(base["vqav2_acc"]) == 0.5 and float(base["mmbench_circular_acc"]) == 1.0
-    assert float(base["agree_all"]) == 1.0
-    exact = by_cell["per-layer-c25-fcfs-exact"]
-    assert float(exact["agree_all"]) == 1.0 and exact["lossless"] == "True" and exact["slots"] == "2"
-    lossy = by_cell["per-layer-c25-fcfs-skip"]
-    assert float(lossy["vqav2_acc"]) == 0.5  # "green" is as wrong as "blue"
-    assert float(lossy["agree_vqav2"]) == 0.5 and float(lossy["agree_all"]) == pytest.approx(4 / 6)
-    assert float(lossy["mmbench_circular_acc"]) == 0.0 and float(lossy["mmbench_row_acc"]) == 0.75
-    assert float(lossy["loads_per_token"]) == 0.5 and float(lossy["tokens_per_s"]) == 5.0
-    assert float(lossy["expert_mib_device"]) == 2 * 4 and float(lossy["expert_mib_all"]) == 8 * 4
-    assert by_cell["per-layer-c25-expertflow-skip"]["status"] == "pending"
-    # The global budget (policy expertflow) runs lossless only: its skip cells are not available.
-    unavailable = [r for r in csv_rows if r["status"] == "not available"]
-    assert sorted((r["budget_mode"], r["miss_policy"]) for r in unavailable) == [("global", "skip")] * 4
-    assert all(not r["vqav2_acc"] for r in unavailable)
-    assert by_cell["global-c25-expertflow-exact"]["status"] == "ok"
-    table = (tmp_path / "table.md").read_text()
-    assert table.count("not available") >= 4 and "pending" in table
-    assert len(rows) == len(csv_rows)
-    paths = sweep.plot(rows, tmp_path)
-    assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
-
-
-def test_make_results_fills_the_answer_from_the_csv(tmp_path):
+def test_aggregate_writes_cis_mcnemar_agreement_and_categories(tmp_path):
     out = tmp_path / "sweep"
     cells = _synthetic_sweep(out)
-    sweep.plot(sweep.aggregate(out, cells, 8, 2), out)
-    (out / "sweep.json").write_text(json.dumps({"run_key": {"model": "m", "dtype": "bfloat16", "limit": 2},
-                                                "num_experts": 8, "top_k": 2, "grid": "reduced",
+    sweep.aggregate(out, cells, 8)
+    with open(out / "cells.csv") as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    assert list(next(iter(rows.values()))) == sweep.CSV_COLUMNS
+    hurt = rows["rationale-per-layer-s32-expertflow-reroute"]
+    assert float(hurt["vqav2_acc"]) == pytest.approx(0.2)  # 40 of the 100 right ones remain
+    assert float(hurt["vqav2_diff_vs_off"]) == pytest.approx(-0.3)
+    assert float(hurt["vqav2_diff_vs_off_hi"]) < 0 < float(rows["rationale-per-layer-s32-fcfs-exact"]["agree_all"])
+    assert float(hurt["vqav2_diff_vs_fcfs"]) == pytest.approx(-0.3)
+    assert float(hurt["vqav2_mcnemar_p_vs_fcfs"]) < 1e-10  # 60 discordant pairs, all one way
+    assert float(hurt["mmbench_diff_vs_fcfs"]) == 0 and float(hurt["mmbench_mcnemar_p_vs_fcfs"]) == 1.0
+    assert float(hurt["mmbench_diff_vs_fcfs_lo"]) == 0 == float(hurt["mmbench_diff_vs_fcfs_hi"])
+    assert float(hurt["agree_vs_fcfs"]) == pytest.approx((400 - 60) / 400)
+    assert rows["rationale-per-layer-s32-fcfs-exact"]["vqav2_diff_vs_fcfs"] == ""  # fcfs has no fcfs partner
+    assert float(rows["rationale-off"]["vqav2_acc_shape"]) == pytest.approx(
+        sum(q % 2 == 0 for q in range(200) if q % 3 == 1) / len([q for q in range(200) if q % 3 == 1]))
+    with open(out / "categories.csv") as f:
+        categories = list(csv.DictReader(f))
+    assert {(r["format"], r["category"]) for r in categories if r["cell"] == "rationale-off"} == {
+        ("vqav2", "color"), ("vqav2", "shape"), ("vqav2", "yes/no"), ("mmbench", "color")}
+    table = (out / "table.md").read_text()
+    assert "### rationale" in table and "-30.0 [" in table and "]*" in table
+
+
+def test_make_results_states_effects_only_where_the_ci_excludes_zero(tmp_path):
+    out = tmp_path / "sweep"
+    cells = _synthetic_sweep(out)
+    sweep.aggregate(out, cells, 8)
+    (out / "sweep.json").write_text(json.dumps({"run_key": {"model": "m", "dtype": "bfloat16", "limit": 200},
+                                                "num_experts": 128, "top_k": 8, "moe_layers": 6, "grid": "reduced",
+                                                "modeled": {"compute_ms_per_layer": 10 / 48, "expert_mb": 9.437,
+                                                            "link_gbps": 25.0},
                                                 "data_source": "test", "argv": ["sweep", "--model", "m"]}))
     results = tmp_path / "docs" / "RESULTS.md"
     proc = subprocess.run([sys.executable, "scripts/make_results.py", "--sweep", str(out), "--out", str(results)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     text = results.read_text()
-    assert "no accuracy effect" in text  # both ExpertFlow exact cells agree with the baseline
-    assert "answered every item as offload-off in 4 of 4 cells" in text  # the global (expertflow) cells
-    assert "its 4 lossy cells were not run" in text
-    assert "per-layer-c25-fcfs-skip" in text  # the worst lossy cell, named from the data
-    assert "66.7% of answers unchanged" in text
-    assert (tmp_path / "docs" / "results" / "accuracy_vs_capacity.png").exists()
-    assert "](results/accuracy_vs_capacity.png)" in text
+    assert "**Scheduling changed accuracy** in 1 of 4 comparisons" in text  # VQAv2 of the reroute pair only
+    assert "VQAv2 -30.0 points (95% CI" in text
+    assert "MMBench CircularEval" not in text.split("**Scheduling changed accuracy**")[1].split("- **Channel")[0]
+    assert "Expertflow answered 100.0% .. 100.0% of items exactly as fcfs" in text  # the exact pair
+    assert "- Produced by: commit" in text
+    for name in ("accuracy_vs_capacity.png", "mmbench_categories.png", "hit_rate_vs_capacity.png"):
+        assert (tmp_path / "docs" / "results" / name).exists()
+        assert f"](results/{name})" in text
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,12 +280,11 @@ def test_make_results_fills_the_answer_from_the_csv(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 
-
-
-def _run_sweep(model: Path, out: Path, *extra: str, timeout: int = 600) -> subprocess.CompletedProcess:
+def _run_sweep(model: Path, out: Path, *extra: str, timeout: int = 1200) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "vllm_expertflow.eval.sweep", "--model", str(model), "--out", str(out),
-           "--limit", "2", "--max-tokens", "4", "--capacities", "25,12.5", "--schedulings", "fcfs,expertflow",
-           "--miss-policies", "exact,skip", "--budget-modes", "per-layer,global", *extra]
+           "--questions", "2", "--capacities", "100,25,12.5", "--miss-policies", "exact,skip",
+           "--memory-budgets", "100", "--expert-shares", "0.5", "--budget-miss-policies", "exact",
+           "--numerics-control", *extra]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -230,53 +293,47 @@ def test_sweep_on_a_random_tiny_vlm(random_vlm, tmp_path):
     out = tmp_path / "sweep"
     proc = _run_sweep(random_vlm, out)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
-
-    # Data converted from easy-vqa; predictions in the documented fields.
     assert sorted(p.name for p in (out / "data").iterdir()) == ["mmbench_easyvqa_test_n2_s0.tsv",
                                                                 "vqav2_easyvqa_test_n2_s0.parquet"]
-    for cell in ("baseline", "per-layer-c25-fcfs-exact", "per-layer-c25-expertflow-skip"):
-        vqa = [json.loads(line) for line in (out / "cells" / cell / "vqav2.jsonl").read_text().splitlines()]
-        mmb = [json.loads(line) for line in (out / "cells" / cell / "mmbench.jsonl").read_text().splitlines()]
-        assert len(vqa) == 2 and len(mmb) == 8
-        assert {"question_id", "prediction", "answers"} <= set(vqa[0]) and len(vqa[0]["answers"]) == 10
-        assert {"index", "prediction", "answer", "options"} <= set(mmb[0])
-
     with open(out / "cells.csv") as f:
         rows = {r["cell"]: r for r in csv.DictReader(f)}
-    assert list(next(iter(rows.values()))) == sweep.CSV_COLUMNS
-    assert len(rows) == 1 + 16
-    ok = [r for r in rows.values() if r["status"] == "ok"]
-    assert len(ok) == 13  # baseline, 8 per-layer cells, 4 global (exact) cells
-    for r in ok:
-        for column in ("vqav2_acc", "mmbench_circular_acc", "mmbench_row_acc", "agree_all", "tokens_per_s"):
-            assert r[column] != "", (r["cell"], column)
-    # 25% and 12.5% of 8 experts both round to top_k = 2 slots: the second runs no engine.
-    assert rows["per-layer-c12.5-fcfs-exact"]["reused_from"] == "per-layer-c25-fcfs-exact"
-    assert rows["per-layer-c12.5-fcfs-exact"]["slots"] == "2"
-    offload = [r for r in ok if r["cell"] != "baseline"]
-    assert all(float(r["hit_rate"]) < 1 and float(r["loads_per_token"]) > 0 for r in offload)
-    unavailable = [r for r in rows.values() if r["status"] == "not available"]
-    assert sorted((r["budget_mode"], r["miss_policy"]) for r in unavailable) == [("global", "skip")] * 4
-    assert all(r["vqav2_acc"] == "" for r in unavailable)
-    assert "not available" in (out / "table.md").read_text()
-    assert all((out / name).exists() for name in ("accuracy_vs_capacity.png", "hit_rate_vs_capacity.png"))
-
-    # Lossless: the exact miss policy answers exactly as offload-off, with either scheduling.
-    for r in offload:
-        if r["miss_policy"] == "exact":
-            assert float(r["agree_all"]) == 1.0, r["cell"]
-            assert r["vqav2_acc"] == rows["baseline"]["vqav2_acc"]
-            assert r["mmbench_circular_acc"] == rows["baseline"]["mmbench_circular_acc"]
+    # Per regime: off, the max_num_seqs=1 control, 2 slot counts x 2 schedulings x 2 miss policies, 2 budget cells.
+    assert len(rows) == 2 * (2 + 8 + 2) and all(r["status"] == "ok" for r in rows.values())
+    for regime in ("direct", "rationale"):
+        vqa = [json.loads(line) for line in (out / "cells" / f"{regime}-off" / "vqav2.jsonl").read_text().splitlines()]
+        assert len(vqa) == 2 and {"prediction", "score", "parsed", "kind"} <= set(vqa[0])
+        off = rows[f"{regime}-off"]
+        for r in rows.values():
+            if r["regime"] != regime or r["kind"] == "off":
+                continue
+            for column in ("vqav2_acc", "mmbench_circular_acc", "agree_all", "tokens_per_s", "vqav2_diff_vs_off_lo",
+                           "vqav2_diff_vs_off_hi", "generated_tokens", "engine_steps"):
+                assert r[column] != "", (r["cell"], column)
+            if r["miss_policy"] == "exact":
+                # Lossless: the same answers as offload off (the exact cells' step composition equals it here).
+                assert r["vqav2_acc"] == off["vqav2_acc"], r["cell"]
+            if r["kind"] in ("capacity", "budget") and r["slots"] != "8":
+                assert float(r["hit_rate"]) < 1 and float(r["loads_per_token"]) > 0
+                assert r["modeled_tpot_ms_p50"] != "" or regime == "direct"
+        full = [r for r in rows.values() if r["regime"] == regime and r["slots"] == "8" and r["kind"] == "capacity"]
+        assert len(full) == 4 and sum(r["reused_from"] == "" for r in full) == 1  # every expert resident: one engine
+        budget = [r for r in rows.values() if r["regime"] == regime and r["kind"] == "budget"]
+        assert [(int(r["slots"]), int(r["kv_blocks"])) for r in budget] == [TOY.split(100, 0.5, 8)] * 2 == [(4, 36)] * 2
+        expertflow = rows[f"{regime}-per-layer-s2-expertflow-skip"]
+        assert expertflow["vqav2_mcnemar_p_vs_fcfs"] != "" and expertflow["agree_vs_fcfs"] != ""
+    assert (out / "accuracy_vs_capacity.png").exists() and (out / "accuracy_vs_throughput.png").exists()
+    made = json.loads((out / "cells" / "direct-per-layer-s2-fcfs-skip" / "metrics.json").read_text())
+    assert len(made["commit"]) == 12 and made["loadavg_1m"] >= 0, made  # what produced the cell
 
     # Resume: nothing left to run, no engine started; outputs untouched.
-    before = (out / "cells" / "per-layer-c25-fcfs-skip" / "metrics.json").stat().st_mtime_ns
+    before = (out / "cells" / "direct-per-layer-s2-fcfs-skip" / "metrics.json").stat().st_mtime_ns
     again = _run_sweep(random_vlm, out, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 run(s)" in again.stderr and "LLM(" not in again.stderr
-    assert (out / "cells" / "per-layer-c25-fcfs-skip" / "metrics.json").stat().st_mtime_ns == before
+    assert (out / "cells" / "direct-per-layer-s2-fcfs-skip" / "metrics.json").stat().st_mtime_ns == before
 
     # A different setting in the same directory is refused instead of mixing results.
-    other = _run_sweep(random_vlm, out, "--max-tokens", "6", timeout=300)
+    other = _run_sweep(random_vlm, out, "--max-model-len", "512", timeout=300)
     assert other.returncode != 0 and "different settings" in other.stderr
 
 

@@ -29,6 +29,8 @@ def serve(*flags: str, model: str = "unused-model") -> subprocess.CompletedProce
     (["--enable-expert-offload", "--expert-cache-gb", "lots"], "must be a positive number of GB, got 'lots'"),
     (["--enable-expert-offload", "--expert-cache-slots", "4", "--expert-scheduling-max-overflow", "2"],
      "must be a number in [0, 1] or 'none', got '2'"),
+    (["--enable-expert-offload", "--expert-cache-slots", "4", "--expert-miss-policy", "reroute",
+      "--expert-reroute-margin", "-1"], "must be a finite number >= 0 (router logits), got '-1'"),
 ])
 def test_cli_rejects_bad_flags_before_anything_starts(flags, message):
     proc = serve(*flags)
@@ -92,7 +94,7 @@ def test_prefetch_flags_and_predictor_file_are_checked_at_startup(tiny_models, t
         (qwen3, {**base, "predictor_path": str(tmp_path / "missing.pt")}),
         (qwen3, {**base, "predictor_path": str(wrong)}),
         (qwen3, {**base, "predictor_path": str(garbage)}),
-        (qwen3, {"enabled": True, "cache_slots": 4, "policy": "expertflow", "miss_policy": "skip"}),
+        (qwen3, {"enabled": True, "cache_slots": 4, "miss_policy": "skip", "reroute_margin": 0.5}),
     ]
     proc = subprocess.run([sys.executable, str(Path(__file__).with_name("startup_probe.py")), json.dumps(cases)],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -102,7 +104,7 @@ def test_prefetch_flags_and_predictor_file_are_checked_at_startup(tiny_models, t
     assert "trained for 3 MoE layers x 16 experts (top_k 2)" in mismatch["error"]
     assert "has 4 MoE layers x 16 experts (top_k 2)" in mismatch["error"]
     assert "does not load" in not_a_predictor["error"]
-    assert "miss_policy='skip' cannot be combined with it" in lossy["error"]
+    assert "reroute_margin=0.5 (--expert-reroute-margin) is only used with miss_policy 'reroute'" in lossy["error"]
 
 
 def test_cache_gb_minimum_counts_the_kernels_padded_expert_size(tmp_path_factory):

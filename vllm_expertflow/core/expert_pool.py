@@ -22,6 +22,7 @@ import torch
 
 from vllm_expertflow.core.expert_store import ExpertStore
 from vllm_expertflow.core.expertflow_policy import ExpertFlowCache
+from vllm_expertflow.core.miss_policies import LossyRunMixin
 from vllm_expertflow.core.slot_cache import ExpertKernel, plan_passes, run_in_passes
 from vllm_expertflow.core.slot_map import LayerCacheStats
 
@@ -147,10 +148,12 @@ class ExpertPool:
         self._issue()
         return len(fetched)
 
-    def admit(self, layer: int, needed: Sequence[int], later: Sequence[Sequence[int]] = ()) -> None:
+    def admit(
+        self, layer: int, needed: Sequence[int], later: Sequence[Sequence[int]] = (), *, count_demand: bool = True
+    ) -> None:
         """Make ``needed`` resident for a pass of ``layer`` and order the compute stream after its copies."""
         self._used[layer, list(needed)] = True
-        self.policy.admit(layer, needed, later)
+        self.policy.admit(layer, needed, later, count_demand=count_demand)
         self._issue()
         self._order_compute(layer)
 
@@ -205,7 +208,7 @@ class ExpertPool:
             self._table_stale = False
 
 
-class PooledLayerCache:
+class PooledLayerCache(LossyRunMixin):
     """One MoE layer's view of an ``ExpertPool``, with the interface of ``ExpertSlotCache``.
 
     ``num_slots`` and ``slots`` are the whole pool: the kernel sees ``num_slots`` experts.
@@ -248,6 +251,18 @@ class PooledLayerCache:
         """Prefetch ``experts`` of this layer; ``protected``: ``(layer, expert)`` keys of the running layer's pass."""
         return self.pool.prefetch(self.layer, experts, protected=protected, demand=demand)
 
+    @property
+    def pass_capacity(self) -> int:
+        return self.max_pass_experts
+
+    def resident_mask(self) -> torch.Tensor:
+        """[num_experts] bool on the host: which of this layer's experts are in the pool now."""
+        return self.pool._table_host[self.layer] >= 0
+
+    def _load_for_next_steps(self, experts: Sequence[int]) -> None:
+        # A forecast for the next step, not a use: the pool's prefetch weighs it against other layers' keys.
+        self.pool.prefetch(self.layer, experts)
+
     def run(
         self,
         hidden_states: torch.Tensor,
@@ -262,17 +277,21 @@ class PooledLayerCache:
         the step's later passes, as the simulator's replay does.
         """
         self.stats.steps += 1
+        return self._run_exact(hidden_states, topk_weights, topk_ids, expert_kernel, host_topk_ids)
+
+    def _run_exact(self, hidden_states, topk_weights, topk_ids, expert_kernel, host_topk_ids=None, *,
+                   count_demand: bool = True) -> torch.Tensor:
         rows = topk_ids.cpu().numpy() if host_topk_ids is None else host_topk_ids
         capacity = self.max_pass_experts
         needed = np.unique(rows).tolist()
         if len(needed) <= capacity:
-            self.pool.admit(self.layer, needed)
+            self.pool.admit(self.layer, needed, count_demand=count_demand)
             return expert_kernel(hidden_states, self.slots, topk_weights, self.pool.slot_ids(self.layer, topk_ids))
         passes = plan_passes(rows, capacity)
         experts = [np.unique(rows[index]).tolist() for index in passes]
 
         def run_pass(pass_index, hidden, weights, ids):
-            self.pool.admit(self.layer, experts[pass_index], experts[pass_index + 1 :])
+            self.pool.admit(self.layer, experts[pass_index], experts[pass_index + 1 :], count_demand=count_demand)
             return expert_kernel(hidden, self.slots, weights, self.pool.slot_ids(self.layer, ids))
 
         return run_in_passes(hidden_states, topk_weights, topk_ids, passes, run_pass)

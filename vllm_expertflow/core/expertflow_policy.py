@@ -225,11 +225,14 @@ class ExpertFlowCache:
             fetched.append((layer, expert))
         return fetched
 
-    def admit(self, layer: int, needed: Sequence[int], later: Sequence[Sequence[int]] = ()) -> list[int]:
+    def admit(
+        self, layer: int, needed: Sequence[int], later: Sequence[Sequence[int]] = (), *, count_demand: bool = True
+    ) -> list[int]:
         """Make ``needed`` resident for one pass of ``layer``; returns the experts demand-loaded.
 
         ``later``: the expert sets of the same step's later passes of this layer, known once
         its router has run; they are kept over everything else, the nearest pass first.
+        ``count_demand=False`` leaves hits and misses alone (the caller counted this demand).
         """
         needed = list(dict.fromkeys(int(e) for e in needed))
         if len(needed) > self.max_pass_experts(layer):
@@ -249,12 +252,12 @@ class ExpertFlowCache:
         loaded = []
         for expert in needed:
             if expert in self._resident[layer]:
-                stats.hits += 1
+                stats.hits += count_demand
                 if (layer, expert) in self._unused_prefetch:
                     self._unused_prefetch.discard((layer, expert))
                     stats.prefetch_hits += 1
                 continue
-            stats.misses += 1
+            stats.misses += count_demand
             if not self._has_room(layer):
                 victim = self._choose_victim(layer, protected, soon)
                 if victim is None:

@@ -117,22 +117,30 @@ class LFUPolicy(_ScoredPolicy):
 
 
 class LFRUPolicy(_ScoredPolicy):
-    """LFU whose counts decay, so old popularity fades; ties go to the least recently used.
+    """Frequency and recency together; ties go to the least recently used.
 
-    Each access adds 1 to the expert's score and every score halves each ``half_life``
-    accesses of the layer (the idea of vLLM PR #37190's LFRU). A small half-life
-    behaves like LRU, an infinite one like LFU.
+    ``score="decayed"`` (default): each access adds 1 to the expert's score and every
+    score halves each ``half_life`` accesses of the layer; a small half-life behaves like
+    LRU, an infinite one like LFU. ``score="freq_over_age"``: vLLM PR #37190's LFRU as its
+    documentation describes it, an entry scores ``freq / age`` with ``freq`` its accesses
+    since it was loaded (forgotten on eviction) and ``age`` the layer's accesses since its
+    last one, plus 1 (#37190 counts time in calls of its cache; here the clock is accesses).
     """
 
     name = "lfru"
+    SCORES = ("decayed", "freq_over_age")
 
-    def __init__(self, half_life: float = 256.0) -> None:
+    def __init__(self, half_life: float = 256.0, score: str = "decayed") -> None:
         if not half_life > 0:
             raise ValueError(f"lfru half_life must be a positive number of accesses, got {half_life}")
+        if score not in self.SCORES:
+            raise ValueError(f"lfru score {score!r} is unknown; valid: {list(self.SCORES)}")
         super().__init__()
         self.half_life = float(half_life)
+        self.score = score
         # Scores are stored as of their last update and decayed lazily when compared.
         self._score_at: dict[int, tuple[float, int]] = {}
+        self._freq: dict[int, int] = {}  # freq_over_age: accesses since the expert was loaded
 
     def _decayed(self, expert: int) -> float:
         score, at = self._score_at.get(expert, (0.0, self._clock))
@@ -141,8 +149,14 @@ class LFRUPolicy(_ScoredPolicy):
     def _touch(self, expert: int) -> None:
         super()._touch(expert)
         self._score_at[expert] = (self._decayed(expert) + 1.0, self._clock)
+        self._freq[expert] = self._freq.get(expert, 0) + 1
+
+    def on_evict(self, expert: int) -> None:
+        self._freq.pop(expert, None)
 
     def _score(self, expert: int) -> float:
+        if self.score == "freq_over_age":
+            return self._freq.get(expert, 0) / (self._clock - self._last_use.get(expert, 0) + 1)
         return self._decayed(expert)
 
 

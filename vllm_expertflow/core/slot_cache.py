@@ -16,16 +16,15 @@ import numpy as np
 import torch
 
 from vllm_expertflow.core.expert_store import ExpertStore
+from vllm_expertflow.core.miss_policies import LossyRunMixin
 from vllm_expertflow.core.policies import ReplacementPolicy
 from vllm_expertflow.core.slot_map import LayerCacheStats, SlotMap
-
-LOSSY_MISS_POLICIES = ("skip", "substitute")
 
 # expert_kernel(hidden_states [T, H], slot_weights, topk_weights [T, K], slot_ids [T, K] int32) -> [T, H]
 ExpertKernel = Callable[[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-class ExpertSlotCache:
+class ExpertSlotCache(LossyRunMixin):
     """The slot buffers of one MoE layer and the map of which expert each holds."""
 
     def __init__(
@@ -60,13 +59,14 @@ class ExpertSlotCache:
     def device_bytes(self) -> int:
         return sum(s.numel() * s.element_size() for s in self.slots)
 
-    def ensure_resident(self, experts: Sequence[int]) -> None:
+    def ensure_resident(self, experts: Sequence[int], *, count_demand: bool = True) -> None:
         """Make every expert in ``experts`` resident, evicting only experts outside it.
 
-        On return the compute stream is ordered after every copy into this layer's slots,
+        ``count_demand=False``: the experts' hits and misses were counted already (lossy steps count
+        their demand once, before running). On return the compute stream is ordered after every copy into this layer's slots,
         prefetches included, and the device slot table is current.
         """
-        loads, evicted = self.map.admit(experts)
+        loads, evicted = self.map.admit(experts, count_demand=count_demand)
         self._issue(loads, evicted)
         self._order_compute()
 
@@ -148,123 +148,39 @@ class ExpertSlotCache:
         self.map.stats.steps += 1
         return self._run_exact(hidden_states, topk_weights, topk_ids, expert_kernel, host_topk_ids)
 
-    def _run_exact(self, hidden_states, topk_weights, topk_ids, expert_kernel, host_topk_ids=None) -> torch.Tensor:
+    @property
+    def pass_capacity(self) -> int:
+        """The most distinct experts one pass may need."""
+        return self.num_slots
+
+    def resident_mask(self) -> torch.Tensor:
+        """[num_experts] bool on the host: which experts are in the slots now."""
+        return self._slot_table_host >= 0
+
+    def _load_for_next_steps(self, experts: Sequence[int]) -> None:
+        self.ensure_resident(experts, count_demand=False)
+
+    def _run_exact(self, hidden_states, topk_weights, topk_ids, expert_kernel, host_topk_ids=None, *,
+                   count_demand: bool = True) -> torch.Tensor:
         rows = topk_ids.cpu().numpy() if host_topk_ids is None else host_topk_ids
         needed = np.unique(rows).tolist()
         if len(needed) <= self.num_slots:
-            return self._run_pass(hidden_states, topk_weights, topk_ids, needed, expert_kernel)
+            return self._run_pass(hidden_states, topk_weights, topk_ids, needed, expert_kernel, count_demand)
         passes = plan_passes(rows, self.num_slots)
         experts = [np.unique(rows[index]).tolist() for index in passes]
 
         def run_pass(pass_index, hidden, weights, ids):
-            return self._run_pass(hidden, weights, ids, experts[pass_index], expert_kernel)
+            return self._run_pass(hidden, weights, ids, experts[pass_index], expert_kernel, count_demand)
 
         return run_in_passes(hidden_states, topk_weights, topk_ids, passes, run_pass)
-
-    def run_lossy(
-        self,
-        hidden_states: torch.Tensor,
-        topk_weights: torch.Tensor,
-        topk_ids: torch.Tensor,
-        expert_kernel: ExpertKernel,
-        miss_policy: str,
-        router_scores: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Run without waiting for misses: LOSSY, for the accuracy study only, never the default.
-
-        miss_policy ``skip``: experts that are not resident are dropped and each token's
-        remaining routing weights are rescaled to the original total. ``substitute``: a
-        missing expert is replaced by the resident expert the router scored highest
-        (``router_scores: [num_tokens, num_experts]``) among those the token does not use,
-        with the original weight; with no candidate it is skipped.
-        A token none of whose experts is resident waits for its experts and runs exactly
-        (dropping all of them would leave it no expert output at all); the other tokens run on
-        what the slots held when the step began. After the step the step's most demanded experts
-        are loaded for the next steps (background loads: they count as loads, but the step did
-        not wait for them), so the cache follows the demand it did not load for.
-        """
-        if miss_policy not in LOSSY_MISS_POLICIES:
-            raise ValueError(f"unknown lossy miss policy {miss_policy!r}; valid: {list(LOSSY_MISS_POLICIES)}")
-        if miss_policy == "substitute" and router_scores is None:
-            raise ValueError("miss_policy 'substitute' needs router_scores [num_tokens, num_experts]")
-        self.map.stats.steps += 1
-        table = self._slot_table_host.to(topk_ids.device)
-        covered = (table[topk_ids.long()] >= 0).any(dim=1)  # tokens with at least one resident expert
-        groups = []
-        if bool(covered.any()):
-            groups.append(
-                (
-                    covered,
-                    lambda h, w, ids, scores: self._run_on_resident(h, w, ids, expert_kernel, miss_policy, scores),
-                )
-            )
-        if not bool(covered.all()):
-            # After the covered tokens: their kernel must read the slots as they were.
-            groups.append((~covered, lambda h, w, ids, scores: self._run_exact(h, w, ids, expert_kernel)))
-        output = None
-        for mask, run_group in groups:
-            if bool(mask.all()):
-                output = run_group(hidden_states, topk_weights, topk_ids, router_scores)
-                break
-            rows = torch.nonzero(mask).squeeze(1)
-            scores = router_scores.index_select(0, rows.to(router_scores.device)) if router_scores is not None else None
-            group_output = run_group(
-                hidden_states.index_select(0, rows),
-                topk_weights.index_select(0, rows),
-                topk_ids.index_select(0, rows),
-                scores,
-            )
-            if output is None:
-                output = group_output.new_empty((hidden_states.shape[0], *group_output.shape[1:]))
-            output.index_copy_(0, rows, group_output)
-        demand = torch.bincount(topk_ids.reshape(-1).long(), minlength=self.store.num_experts)
-        upcoming = torch.argsort(demand, descending=True, stable=True)[: self.num_slots]
-        self.ensure_resident([e for e in upcoming.tolist() if demand[e] > 0])
-        return output
-
-    def _run_on_resident(self, hidden_states, topk_weights, topk_ids, expert_kernel, miss_policy, router_scores):
-        """One pass over tokens that each have a resident expert, using resident experts only (lossy)."""
-        table = self.slot_table_for(topk_ids.device)
-        ids = topk_ids.long()
-        available = table[ids] >= 0
-        self.map.stats.passes += 1
-        self.ensure_resident(sorted(set(torch.unique(ids[available]).tolist())))  # hits only: no loads
-        self.map.stats.misses += len(set(torch.unique(ids[~available]).tolist()))  # dropped, not loaded
-        weights = topk_weights
-        if miss_policy == "substitute" and not bool(available.all()):
-            ids = ids.clone()
-            scores = router_scores.float().clone()
-            # Candidates: resident experts the token does not already use.
-            resident_mask = (table >= 0).to(scores.device)
-            scores[:, ~resident_mask] = float("-inf")
-            scores.scatter_(1, topk_ids.long(), float("-inf"))
-            for column in range(ids.shape[1]):
-                missing = ~available[:, column]
-                if not bool(missing.any()):
-                    continue
-                best_score, best = scores.max(dim=1)
-                take = missing & torch.isfinite(best_score)
-                ids[take, column] = best[take]
-                available[take, column] = True
-                scores[take, best[take]] = float("-inf")  # no expert twice for one token
-        if not bool(available.all()):
-            kept = topk_weights * available
-            scale = topk_weights.sum(dim=1, keepdim=True) / kept.sum(dim=1, keepdim=True).clamp_min(1e-20)
-            weights = (kept * scale).to(topk_weights.dtype)
-        # A dropped entry points at slot 0 (zero-initialised or holding some expert) with weight zero.
-        slot_ids = torch.where(available, table[ids], torch.zeros_like(table[ids]))
-        return expert_kernel(hidden_states, self.slots, weights, slot_ids)
 
     def resident_experts(self) -> list[int]:
         """Expert ids in the slots now (the scheduler's cache-aware grouping reads them)."""
         return list(self.map.resident())
 
-    def slot_table_for(self, device: torch.device) -> torch.Tensor:
-        return self._slot_table_host if device.type == "cpu" else self._slot_table
-
-    def _run_pass(self, hidden_states, topk_weights, topk_ids, needed, expert_kernel) -> torch.Tensor:
+    def _run_pass(self, hidden_states, topk_weights, topk_ids, needed, expert_kernel, count_demand=True) -> torch.Tensor:
         self.map.stats.passes += 1
-        self.ensure_resident(needed)
+        self.ensure_resident(needed, count_demand=count_demand)
         return expert_kernel(hidden_states, self.slots, topk_weights, self.slot_ids(topk_ids))
 
 

@@ -14,7 +14,8 @@ from vllm_expertflow.core.policies import ReplacementPolicy
 
 @dataclasses.dataclass
 class LayerCacheStats:
-    # hits/misses count distinct experts a pass needed, resident or not: a miss is a demand load.
+    # hits/misses count distinct experts a pass needed, resident or not: a miss is a demand load. Lossy
+    # steps count each distinct expert of the step once (core/miss_policies.py), loaded or not.
     hits: int = 0
     misses: int = 0
     # Every copy into a slot, demand and prefetch alike (so bytes_loaded is all link traffic);
@@ -53,9 +54,10 @@ class SlotMap:
         """expert id -> slot id of every resident expert."""
         return dict(self._slot_of)
 
-    def admit(self, experts: Sequence[int]) -> tuple[list[tuple[int, int]], list[int]]:
+    def admit(self, experts: Sequence[int], *, count_demand: bool = True) -> tuple[list[tuple[int, int]], list[int]]:
         """Make every expert in ``experts`` resident, evicting only experts outside it.
 
+        ``count_demand=False`` leaves hits and misses alone (the caller counted this demand).
         Returns ``(loads, evicted)``: ``loads`` lists ``(expert, slot)`` pairs whose weights
         the caller must copy in; ``evicted`` the experts that lost their slot.
         """
@@ -69,13 +71,13 @@ class SlotMap:
         missing = []
         for expert in needed:
             if expert in self._slot_of:
-                self.stats.hits += 1
+                self.stats.hits += count_demand
                 self.policy.on_hit(expert)
                 if expert in self._unused_prefetch:
                     self._unused_prefetch.discard(expert)
                     self.stats.prefetch_hits += 1
             else:
-                self.stats.misses += 1
+                self.stats.misses += count_demand
                 missing.append(expert)
         loads: list[tuple[int, int]] = []
         evicted: list[int] = []

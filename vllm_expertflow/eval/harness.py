@@ -4,7 +4,7 @@
     python -m vllm_expertflow.eval.harness make-data --out data/lm_eval [--limit N]
     # task YAMLs pointing at your files (absolute paths); MMBench rows normalised to parquet with rotations
     python -m vllm_expertflow.eval.harness make-tasks --vqa VQA.parquet --mmbench MMBench_DEV_EN.tsv \
-        --out DIR [--limit N]
+        --out DIR [--limit N] [--regime direct|rationale]
     # lm-eval itself; arguments are lm-eval's own
     python -m vllm_expertflow.eval.harness lm-eval --model vllm-vlm --include_path DIR --tasks vqav2_local ...
 
@@ -28,8 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-VQA_TEMPLATE = TASKS_DIR / "_vqav2_template_yaml"
-MMBENCH_TEMPLATE = TASKS_DIR / "_mmbench_template_yaml"
+# Per prompt regime (eval/prompts.py): the task templates make-tasks includes.
+VQA_TEMPLATES = {"direct": TASKS_DIR / "_vqav2_template_yaml", "rationale": TASKS_DIR / "_vqav2_rationale_template_yaml"}
+MMBENCH_TEMPLATES = {"direct": TASKS_DIR / "_mmbench_template_yaml",
+                     "rationale": TASKS_DIR / "_mmbench_rationale_template_yaml"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,15 +148,23 @@ def task_yaml(name: str, template: Path, data_file: Path) -> str:
 
 def make_tasks(out: str | Path, *, vqa: str | None = None, mmbench_file: str | None = None,
                limit: int | None = None, vqa_annotations: str | None = None, vqa_images: str | None = None,
-               vqa_task: str = "vqav2_local", mmbench_task: str = "mmbench_local") -> list[Path]:
+               vqa_task: str | None = None, mmbench_task: str | None = None,
+               regime: str = "direct") -> list[Path]:
     """Task YAMLs for the given files, selecting the same items as the sweep with the same ``limit``.
+
+    ``regime``: the prompt regime (``direct`` or ``rationale``, as the sweep's); task names default to
+    ``vqav2_local`` / ``mmbench_local``, with ``_rationale`` appended for the rationale regime.
 
     VQAv2: an lmms-lab parquet without ``limit`` is referenced as is; otherwise the selected
     questions are written to ``<out>/<vqa_task>.parquet``. MMBench: the selected base questions with
     all rotations (generated where the file has none) go to ``<out>/<mmbench_task>.parquet``.
     """
-    from vllm_expertflow.eval import sweep
+    from vllm_expertflow.eval import prompts, sweep
 
+    prompts.check_regime(regime)
+    suffix = "" if regime == "direct" else f"_{regime}"
+    vqa_task = vqa_task or f"vqav2_local{suffix}"
+    mmbench_task = mmbench_task or f"mmbench_local{suffix}"
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
@@ -166,12 +176,12 @@ def make_tasks(out: str | Path, *, vqa: str | None = None, mmbench_file: str | N
             data = out / f"{vqa_task}.parquet"
             write_vqa_parquet(sweep.load_vqa(src, limit, vqa_annotations, vqa_images), data)
         written.append(out / f"{vqa_task}.yaml")
-        written[-1].write_text(task_yaml(vqa_task, VQA_TEMPLATE, data))
+        written[-1].write_text(task_yaml(vqa_task, VQA_TEMPLATES[regime], data))
     if mmbench_file is not None:
         data = out / f"{mmbench_task}.parquet"
         write_mmbench_parquet(sweep.select_mmbench(sweep.load_mmbench(mmbench_file), limit), data)
         written.append(out / f"{mmbench_task}.yaml")
-        written[-1].write_text(task_yaml(mmbench_task, MMBENCH_TEMPLATE, data))
+        written[-1].write_text(task_yaml(mmbench_task, MMBENCH_TEMPLATES[regime], data))
     return written
 
 
@@ -201,8 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     t.add_argument("--vqa-images")
     t.add_argument("--mmbench", help="MMBench TSV or parquet")
     t.add_argument("--limit", type=int, default=None, help="as the sweep's --limit")
-    t.add_argument("--vqa-task", default="vqav2_local")
-    t.add_argument("--mmbench-task", default="mmbench_local")
+    t.add_argument("--regime", choices=("direct", "rationale"), default="direct", help="prompt regime (eval/prompts.py)")
+    t.add_argument("--vqa-task", help="task name (default vqav2_local, vqav2_local_rationale)")
+    t.add_argument("--mmbench-task", help="task name (default mmbench_local, mmbench_local_rationale)")
     d = sub.add_parser("make-data", help="easy-vqa files for the *_easyvqa tasks")
     d.add_argument("--out", default="data/lm_eval")
     d.add_argument("--limit", type=int, default=None)
@@ -213,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("make-tasks needs --vqa and/or --mmbench")
         paths = make_tasks(args.out, vqa=args.vqa, mmbench_file=args.mmbench, limit=args.limit,
                            vqa_annotations=args.vqa_annotations, vqa_images=args.vqa_images,
-                           vqa_task=args.vqa_task, mmbench_task=args.mmbench_task)
+                           vqa_task=args.vqa_task, mmbench_task=args.mmbench_task, regime=args.regime)
     else:
         paths = make_data(args.out, args.limit, args.seed)
     for p in paths:

@@ -14,6 +14,7 @@ import torch
 from vllm_expertflow.config import EXPERTFLOW_POLICY, ExpertOffloadConfig, ExpertOffloadConfigError
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
 from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
+from vllm_expertflow.core.miss_policies import NEEDS_ROUTER_SCORES
 from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor, step_demand
 from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR, first_positions
 from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_being_built, group_of_worker
@@ -93,7 +94,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         self._group: ExpertCacheGroup = group_being_built()
         self._group.add_layer(self.layer_name)
         install_worker_step_hooks(begin_worker_step, end_worker_step)
-        if self.offload.miss_policy == "substitute":
+        if self.offload.miss_policy in NEEDS_ROUTER_SCORES:
             install_router_logits_capture()
         self._device = torch.device(get_current_vllm_config().device_config.device)
 
@@ -161,7 +162,8 @@ class OffloadedRoutedExperts(RoutedExperts):
 
         if self.offload.miss_policy != "exact":
             return cache.run_lossy(x, topk_weights, topk_ids, run_kernel, self.offload.miss_policy,
-                                   router_scores=getattr(self, "last_router_logits", None))
+                                   router_scores=getattr(self, "last_router_logits", None),
+                                   reroute_margin=self.offload.effective_reroute_margin)
         return cache.run(x, topk_weights, topk_ids, run_kernel, host_topk_ids=host_ids.numpy())
 
     def _lookahead_picks(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ request that started with the same prompt prefix, else it is neutral.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from typing import Any
 
@@ -25,9 +26,11 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
     init_logger,
     inprocess_scheduler,
     moe_model_shape,
+    public_hooks,
     reorder_waiting,
-    running_limits_lowered,
+    schedule_with_running_selected,
     shield_kernel_rebinding_from_llvmlite,
+    step_output_data,
 )
 
 logger = init_logger(f"vllm.{__name__}")
@@ -67,28 +70,28 @@ class ExpertAwareSchedulingMixin:
         if not self._grouping_on:
             return super().schedule(*args, **kwargs)
         self._order_waiting_by_affinity()
-        if len(self.running) < 2:
-            return super().schedule(*args, **kwargs)
+        if public_hooks()["select_running"] or len(self.running) < 2:
+            return super().schedule(*args, **kwargs)  # vLLM calls select_running itself
+        chosen = self._choose_running(self.running)
+        return schedule_with_running_selected(self, chosen, functools.partial(super().schedule, *args, **kwargs))
+
+    def select_running(self, running: list) -> list:
+        """vLLM's hook (patches/vllm): the running requests this step schedules; the rest are held."""
+        if not (self._grouping_on and public_hooks()["select_running"]) or len(running) < 2:
+            return running
+        chosen = self._choose_running(running)
+        return running if len(chosen) == len(running) else chosen
+
+    def _choose_running(self, running: list) -> list:
         start = time.perf_counter()
-        views = [self._view(request) for request in self.running]
+        views = [self._view(request) for request in running]
         chosen = self._grouper.select(views, self._step, resident=self._resident)
         self.cache_aware_steps += self._resident is not None
         self._step += 1
-        by_id = {request.request_id: request for request in self.running}
-        chosen_ids = set(chosen)
-        held = [request for request in self.running if request.request_id not in chosen_ids]
+        by_id = {request.request_id: request for request in running}
         self.grouping_seconds.append(time.perf_counter() - start)
-        self.held_per_step.append(len(held))
-        if not held:
-            return super().schedule(*args, **kwargs)
-        self.running = [by_id[request_id] for request_id in chosen]
-        try:
-            # Held requests still occupy running places: admit no more than the places left.
-            with running_limits_lowered(self, len(held)):
-                output = super().schedule(*args, **kwargs)
-        finally:
-            self.running = self.running + held
-        return output
+        self.held_per_step.append(len(running) - len(chosen))
+        return [by_id[request_id] for request_id in chosen]
 
     def scheduling_stats(self) -> dict[str, Any]:
         """What the grouper did so far: per grouped step, its time and the requests it held back."""
@@ -112,10 +115,10 @@ class ExpertAwareSchedulingMixin:
         reorder_waiting(self, [by_id[request_id] for request_id in order])
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        resident = getattr(model_runner_output, RESIDENT_ATTR, None)
+        resident = step_output_data(model_runner_output, RESIDENT_ATTR)
         if resident is not None:
             self._resident = resident
-        signatures = getattr(model_runner_output, SIGNATURES_ATTR, None)
+        signatures = step_output_data(model_runner_output, SIGNATURES_ATTR)
         if signatures:
             self._signatures.update(signatures)
             for request_id, signature in signatures.items():

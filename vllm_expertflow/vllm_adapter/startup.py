@@ -28,6 +28,7 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
     MoEModelShape,
     expert_parallel_enabled,
     init_logger,
+    install_cli_args,
     kernel_intermediate_size,
     moe_model_shape,
     scheduler_choice,
@@ -48,6 +49,7 @@ CLI_KEYS = {
     "expert_scheduling_min_fraction": "min_run_fraction",
     "expert_scheduling_max_overflow": "max_overflow_ratio",
     "expert_miss_policy": "miss_policy",
+    "expert_reroute_margin": "reroute_margin",
     "expert_prefetch": "prefetch",
     "expert_predictor": "predictor_path",
 }
@@ -77,6 +79,7 @@ _overflow_ratio = _bounded(
 )
 _non_negative_int = _bounded(int, lambda v: v >= 0, "an integer >= 0 (steps)")
 _positive_float = _bounded(float, lambda v: v > 0, "a positive number of GB")
+_margin = _bounded(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0 (router logits)")
 
 
 def add_cli_args(parser):
@@ -113,21 +116,23 @@ def add_cli_args(parser):
                        help="Hold requests back only if the chosen ones' experts beyond the slots are at most "
                             "this share of everyone's (default 0.25; 'none': whenever they load less).")
     group.add_argument("--expert-miss-policy", choices=MISS_POLICIES, default=None,
-                       help="'exact' (default, lossless) loads missing experts before computing; 'skip' and "
-                            "'substitute' do not wait and CHANGE OUTPUTS (for accuracy studies only).")
+                       help="'exact' (default, lossless) loads missing experts before computing; 'skip', "
+                            "'substitute' and 'reroute' do not wait (reroute: for an expert scored within "
+                            "--expert-reroute-margin of it) and CHANGE OUTPUTS (for accuracy studies only).")
+    group.add_argument("--expert-reroute-margin", type=_margin, default=None,
+                       help="With --expert-miss-policy reroute: a missing expert is replaced by a resident (or "
+                            "already loaded) one whose router logit is at most this much lower, else loaded "
+                            "(default 1.0: at least exp(-1) = 37%% of its routing probability).")
     group.add_argument("--expert-trace-dir", default=None,
                        help="Record every step's routing (request, position, top-k experts per MoE layer) "
                             "as .npz chunks in this directory; see docs/trace-format.md.")
     return parser
 
 
-def carry_cli_args(engine_args: Any, args: argparse.Namespace) -> Any:
+def cli_additional_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``additional_config`` entries the given flags make (merged into the user's)."""
     given = {key: getattr(args, dest) for dest, key in CLI_KEYS.items() if getattr(args, dest, None) is not None}
-    if given:
-        additional = dict(engine_args.additional_config or {})
-        additional[ADDITIONAL_CONFIG_KEY] = {**additional.get(ADDITIONAL_CONFIG_KEY, {}), **given}
-        engine_args.additional_config = additional
-    return engine_args
+    return {ADDITIONAL_CONFIG_KEY: given} if given else {}
 
 
 def prepare_engine_args(engine_args: Any) -> ExpertOffloadConfig:
@@ -181,9 +186,10 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             f"give an empty or new directory"
         )
     if offload.miss_policy != "exact":
+        margin = f" (reroute margin {offload.effective_reroute_margin:g})" if offload.miss_policy == "reroute" else ""
         logger.warning(
-            "expert miss policy %r is LOSSY: outputs will differ from the model's; use it for accuracy "
-            "studies, not for serving", offload.miss_policy,
+            "expert miss policy %r%s is LOSSY: outputs will differ from the model's; use it for accuracy "
+            "studies, not for serving", offload.miss_policy, margin,
         )
     install_scheduler(offload, vllm_config)
     stats_dir = ensure_stats_dir()
@@ -264,18 +270,11 @@ def estimate_num_moe_layers(text_config: Any, num_layers: int) -> int:
 
 
 def install() -> None:
-    """Wrap EngineArgs so the flags exist and the checks run; idempotent."""
+    """Add the flags and wrap EngineArgs so the checks run; idempotent."""
+    install_cli_args(add_cli_args, cli_additional_config)
     if getattr(EngineArgs, "_expertflow_installed", False):
         return
-    original_add_cli_args = EngineArgs.add_cli_args
-    original_from_cli_args = EngineArgs.from_cli_args.__func__
     original_create_engine_config = EngineArgs.create_engine_config
-
-    def add_cli_args_with_offload(parser):
-        return add_cli_args(original_add_cli_args(parser))
-
-    def from_cli_args_with_offload(cls, args):
-        return carry_cli_args(original_from_cli_args(cls, args), args)
 
     def create_engine_config_with_offload(self, *args, **kwargs):
         offload = prepare_engine_args(self)
@@ -283,7 +282,5 @@ def install() -> None:
         check_model(offload, vllm_config)
         return vllm_config
 
-    EngineArgs.add_cli_args = staticmethod(add_cli_args_with_offload)
-    EngineArgs.from_cli_args = classmethod(from_cli_args_with_offload)
     EngineArgs.create_engine_config = create_engine_config_with_offload
     EngineArgs._expertflow_installed = True

@@ -33,7 +33,7 @@ from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
 from vllm_expertflow.core.grouping import ExpertSignature
 from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor
 from vllm_expertflow.vllm_adapter.routing import RoutingRecorder
-from vllm_expertflow.vllm_adapter.vllm_api import init_logger, worker_additional_config
+from vllm_expertflow.vllm_adapter.vllm_api import hooks_summary, init_logger, worker_additional_config
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
@@ -119,7 +119,8 @@ class ExpertCacheGroup:
             f"expert offload: {self.num_layers} MoE layers, {num_experts} experts per layer (top_k {self.top_k}), "
             f"{per_expert} bytes per expert, {'/'.join(map(str, slots))} slots per layer{pooled}, "
             f"device bytes for experts {with_offload} with offload vs {without} without "
-            f"({with_offload / max(without, 1):.1%}); policy {first.policy_name}, prefetch {self.prefetch}"
+            f"({with_offload / max(without, 1):.1%}); policy {first.policy_name}, prefetch {self.prefetch}; "
+            f"{hooks_summary()}"
         )
 
     def resident_signature(self) -> ExpertSignature | None:

@@ -25,6 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import os
+import sys
+import types
+import warnings
 
 from vllm.config import VllmConfig, get_current_vllm_config  # noqa: F401
 from vllm.engine.arg_utils import EngineArgs  # noqa: F401
@@ -42,6 +47,78 @@ from vllm.v1.core.sched.scheduler import Scheduler  # noqa: F401
 
 # The worker base class: collective_rpc("name") looks methods up on it.
 from vllm.v1.worker.worker_base import WorkerBase  # noqa: F401
+
+# Public extension points proposed upstream (patches/vllm, docs/upstream.md). Each one replaces a
+# wrapper below; the plugin uses the hook where this vLLM has it, decided once per process by
+# looking for the feature itself (never by version string).
+HOOKS_ENV = "EXPERTFLOW_VLLM_HOOKS"
+HOOKS_MODES = ("auto", "public", "wrappers")  # public: every hook required; wrappers: ignore them
+
+
+@functools.cache
+def public_hooks() -> dict[str, bool]:
+    """hook name -> whether the plugin uses vLLM's public hook (else its wrapper)."""
+    mode = os.environ.get(HOOKS_ENV, "auto")
+    if mode not in HOOKS_MODES:
+        raise ValueError(f"{HOOKS_ENV}={mode!r}; valid: {', '.join(HOOKS_MODES)}")
+    from vllm.engine import arg_utils
+    from vllm.v1.core.sched.request_queue import FCFSRequestQueue
+    from vllm.v1.outputs import ModelRunnerOutput
+    from vllm.v1.worker import gpu_worker
+
+    found = {
+        "cli_args": hasattr(arg_utils, "register_plugin_cli_args"),
+        "step_hooks": hasattr(gpu_worker, "register_step_hooks")
+        and "plugin_outputs" in getattr(ModelRunnerOutput, "__dataclass_fields__", {}),
+        "select_running": "select_running" in vars(Scheduler) and hasattr(FCFSRequestQueue, "reorder"),
+        "apply_to_weights": hasattr(UnquantizedFusedMoEMethod, "apply_to_weights"),
+        "rebind_scan": _rebind_scan_skips_proxies(),
+    }
+    if mode == "wrappers":
+        return dict.fromkeys(found, False)
+    missing = [name for name, present in found.items() if not present]
+    if mode == "public" and missing:
+        raise RuntimeError(
+            f"{HOOKS_ENV}=public, but this vLLM lacks the hooks {', '.join(missing)}; apply patches/vllm "
+            f"(docs/upstream.md) or unset {HOOKS_ENV}"
+        )
+    return found
+
+
+def hooks_summary() -> str:
+    """For the startup summary line: which vLLM hooks are public and which are wrapped."""
+    hooks = public_hooks()
+    public = ",".join(name for name, used in hooks.items() if used) or "none"
+    wrapped = ",".join(name for name, used in hooks.items() if not used) or "none"
+    return f"vLLM hooks public: {public}; wrapped: {wrapped}"
+
+
+def _rebind_scan_skips_proxies() -> bool:
+    """Whether vLLM-CPU's kernel-rebinding scan tolerates an object whose ``__dict__`` is not a dict."""
+    try:
+        from vllm.triton_utils.dispatcher import _rebind_kernels
+    except ImportError:
+        return True  # no scan in this vLLM: nothing to shield
+
+    class AnswersEveryAttribute:  # llvmlite's binding.ffi.lib in miniature
+        __slots__ = ()
+
+        def __getattr__(self, name):
+            return lambda *args: None
+
+    probe = types.ModuleType("_expertflow_rebind_probe")
+    probe.proxy = AnswersEveryAttribute()
+    sys.modules[probe.__name__] = probe
+    try:
+        with warnings.catch_warnings():  # the scan touches deprecated module attributes
+            warnings.simplefilter("ignore")
+            _rebind_kernels([])
+        return True
+    except AttributeError:
+        return False
+    finally:
+        del sys.modules[probe.__name__]
+
 
 # --- configs (front end) ------------------------------------------------------------------
 
@@ -156,6 +233,10 @@ def moe_kernel_apply(layer: RoutedExperts, hidden_states, w13, w2, topk_weights,
     (Triton); both are the slot count here. ``expert_map`` stays None: in vLLM -1 there
     means "another expert-parallel rank" and would silently drop the contribution.
     """
+    if public_hooks()["apply_to_weights"]:
+        return layer.quant_method.apply_to_weights(
+            layer, hidden_states, w13, w2, topk_weights, topk_ids, shared_experts, shared_experts_input
+        )
     return layer.quant_method.moe_kernel.apply(
         hidden_states=hidden_states,
         w1=w13,
@@ -178,13 +259,17 @@ def install_worker_step_hooks(begin_step, end_step) -> None:
     ``end_step`` returns a dict of extra attributes for the step's ``ModelRunnerOutput``
     (or None); they reach the scheduler's ``update_from_output`` because worker outputs
     travel by pickle (or by reference in-process). CPUWorker inherits from the GPU Worker,
-    so one patch covers both. Idempotent.
+    so one patch covers both. Idempotent. Read them with ``step_output_data``.
     """
     import copy
 
     from vllm.v1.outputs import AsyncModelRunnerOutput, ModelRunnerOutput
+    from vllm.v1.worker import gpu_worker
     from vllm.v1.worker.gpu_worker import Worker
 
+    if public_hooks()["step_hooks"]:
+        gpu_worker.register_step_hooks(begin_step, end_step)  # idempotent
+        return
     if getattr(Worker, "_expertflow_hooked", False):
         return
     original_execute_model = Worker.execute_model
@@ -227,6 +312,52 @@ def install_worker_step_hooks(begin_step, end_step) -> None:
     Worker._expertflow_hooked = True
 
 
+def step_output_data(model_runner_output, name: str):
+    """What ``end_step`` attached under ``name`` to a step's ModelRunnerOutput (None if nothing)."""
+    plugin_outputs = getattr(model_runner_output, "plugin_outputs", None)
+    if plugin_outputs is not None:
+        return plugin_outputs.get(name)
+    return getattr(model_runner_output, name, None)
+
+
+def install_cli_args(add_args, to_additional_config) -> None:
+    """Add the plugin's flags to vLLM's parser and carry them into ``additional_config``.
+
+    ``add_args(parser)`` adds them; ``to_additional_config(args)`` returns the entries to merge
+    (dict values one level deep). Without the public hook, ``EngineArgs.add_cli_args`` and
+    ``from_cli_args`` (which drops names it does not know) are wrapped. Idempotent.
+    """
+    if public_hooks()["cli_args"]:
+        from vllm.engine.arg_utils import register_plugin_cli_args
+
+        register_plugin_cli_args(add_args, to_additional_config)
+        return
+    if getattr(EngineArgs, "_expertflow_cli_installed", False):
+        return
+    original_add_cli_args = EngineArgs.add_cli_args
+    original_from_cli_args = EngineArgs.from_cli_args.__func__
+
+    def add_cli_args(parser):
+        parser = original_add_cli_args(parser)
+        add_args(parser)
+        return parser
+
+    def from_cli_args(cls, args):
+        engine_args = original_from_cli_args(cls, args)
+        extra = to_additional_config(args)
+        if extra:
+            additional = dict(engine_args.additional_config or {})
+            for key, value in extra.items():
+                current = additional.get(key)
+                additional[key] = {**current, **value} if isinstance(current, dict) and isinstance(value, dict) else value
+            engine_args.additional_config = additional
+        return engine_args
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs._expertflow_cli_installed = True
+
+
 def inprocess_scheduler(llm):
     """The scheduler object of an offline LLM whose engine core runs in this process, else None."""
     engine_core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
@@ -238,7 +369,7 @@ def install_router_logits_capture() -> None:
     """Keep each MoE step's router logits on its RoutedExperts (``last_router_logits``).
 
     The modular path hands ``forward_modular`` only the top-k result; the lossy
-    ``substitute`` miss policy needs every expert's score. Idempotent.
+    ``substitute`` and ``reroute`` miss policies need every expert's score. Idempotent.
     """
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
@@ -266,11 +397,35 @@ def reorder_waiting(scheduler, ordered_requests: list) -> bool:
     import collections
 
     waiting = scheduler.waiting
+    if public_hooks()["select_running"]:
+        if not hasattr(waiting, "reorder"):
+            return False
+        waiting.reorder(ordered_requests)
+        return True
     if not isinstance(waiting, collections.deque) or len(ordered_requests) != len(waiting):
         return False
     waiting.clear()
     waiting.extend(ordered_requests)
     return True
+
+
+def schedule_with_running_selected(scheduler, chosen: list, schedule):
+    """``schedule()`` with only ``chosen`` of the running requests schedulable (the others held).
+
+    The wrapper for a vLLM without ``Scheduler.select_running``: the held requests are hidden
+    from ``scheduler.running`` during the call and put back after it, keeping their KV blocks.
+    """
+    chosen_ids = {request.request_id for request in chosen}
+    held = [request for request in scheduler.running if request.request_id not in chosen_ids]
+    if not held:
+        return schedule()
+    scheduler.running = list(chosen)
+    try:
+        # Held requests still occupy running places: admit no more than the places left.
+        with running_limits_lowered(scheduler, len(held)):
+            return schedule()
+    finally:
+        scheduler.running = scheduler.running + held
 
 
 # The scheduler's caps on requests in RUNNING: the model runner's slots, and (vLLM >= 0.32)
@@ -360,8 +515,10 @@ def shield_kernel_rebinding_from_llvmlite() -> None:
     answers any attribute, ``__dict__`` included, with a C-function wrapper, so the scan
     raises and a second engine in the same process (an evaluation sweep, a notebook) fails to
     start. Dunder lookups on that object now fail as on any object without them. The upstream
-    fix is a ``isinstance(namespace, dict)`` check in the scan.
+    fix is a ``isinstance(namespace, dict)`` check in the scan (patches/vllm/0001, in vLLM 0.34).
     """
+    if public_hooks()["rebind_scan"]:
+        return
     from llvmlite.binding import ffi
 
     wrapper = type(ffi.lib)

@@ -2,8 +2,9 @@
 
 They reuse the project's own metric code (``vllm_expertflow.eval.vqav2`` / ``mmbench``), so an
 lm-eval run scores exactly as ``python -m vllm_expertflow.eval.sweep`` does on the same items:
-the same prompts (``build_prompt``; lm-eval's chat template puts the image first, as the sweep
-does), the same VQAv2 soft score, the same MMBench choice extraction and CircularEval.
+the same prompts (``build_prompt``, and ``eval/prompts.py`` for the rationale regime; lm-eval's chat
+template puts the image first, as the sweep does), the same VQAv2 soft score, the same MMBench choice
+extraction (of the answer after the last ``Answer:`` in the rationale regime) and CircularEval.
 
 Document schemas (one parquet row per doc, read by ``datasets``' parquet builder):
 
@@ -22,7 +23,7 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from vllm_expertflow.eval import mmbench, vqav2
+from vllm_expertflow.eval import mmbench, prompts, vqav2
 
 IMAGE_PLACEHOLDER = "<image>"  # lm-eval's multimodal backends replace it with the model's image tokens
 
@@ -79,6 +80,15 @@ def vqav2_process_results(doc: Mapping[str, Any], results: list[str]) -> dict[st
     return {"vqav2_accuracy": vqav2.score(results[0], vqav2_answers(doc))}
 
 
+def vqav2_rationale_doc_to_text(doc: Mapping[str, Any]) -> str:
+    return IMAGE_PLACEHOLDER + prompts.open_prompt(str(doc["question"]), "rationale")
+
+
+def vqav2_rationale_process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, float]:
+    final = prompts.final_answer(results[0], "rationale")
+    return {"vqav2_accuracy": 0.0 if final is None else vqav2.score(final, vqav2_answers(doc))}
+
+
 # --- MMBench ---------------------------------------------------------------------------------
 
 
@@ -114,6 +124,20 @@ def mmbench_doc_to_target(doc: Mapping[str, Any]) -> str:
 def mmbench_process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
     item = mmbench_item(doc)
     correct = mmbench.is_correct(results[0], item)
+    return {"mmbench_circular_accuracy": (item.index, correct), "mmbench_row_accuracy": float(correct)}
+
+
+def mmbench_rationale_doc_to_text(doc: Mapping[str, Any]) -> str:
+    item = mmbench_item(doc)
+    hint = "" if _missing(item.hint) else item.hint.strip()
+    text = prompts.mc_prompt(item.question, list(item.options.values()), "rationale", hint)
+    return (IMAGE_PLACEHOLDER if item.image is not None else "") + text
+
+
+def mmbench_rationale_process_results(doc: Mapping[str, Any], results: list[str]) -> dict[str, Any]:
+    item = mmbench_item(doc)
+    final = prompts.final_answer(results[0], "rationale")
+    correct = final is not None and mmbench.extract_choice(final, item.options) == item.answer
     return {"mmbench_circular_accuracy": (item.index, correct), "mmbench_row_accuracy": float(correct)}
 
 
