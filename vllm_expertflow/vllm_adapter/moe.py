@@ -209,10 +209,12 @@ class OffloadedRoutedExperts(RoutedExperts):
 
 def model_loaded(worker) -> None:
     """Set up the prefetch predictors once the model (and its routers) is loaded, before any request."""
+    offload = ExpertOffloadConfig.from_additional_config(worker.vllm_config.additional_config)
+    if offload.enabled:
+        check_every_moe_layer_offloaded(worker_model(worker))
     group = group_of_worker(worker)
     if group is None or not group.caches:
         return
-    offload = ExpertOffloadConfig.from_additional_config(worker.vllm_config.additional_config)
     num_experts = next(iter(group.caches.values())).store.num_experts
     if offload.prefetch == "lookahead":
         weights = moe_router_weights(worker_model(worker), OffloadedRoutedExperts)
@@ -233,6 +235,25 @@ def model_loaded(worker) -> None:
                 f"{expected[1]} (top_k {expected[2]})"
             )
         group.predictor = predictor
+
+
+def check_every_moe_layer_offloaded(model) -> None:
+    """Never serve silently without offload: every fused-MoE layer of the model must run on an expert cache.
+
+    The front end refuses what it can recognise from the HF config (startup.check_model); this
+    catches a model whose MoE layers vLLM builds some other way.
+    """
+    resident = [
+        getattr(module, "layer_name", name) for name, module in model.named_modules()
+        if isinstance(module, RoutedExperts)
+        and not (isinstance(module, OffloadedRoutedExperts) and module.expert_cache is not None)
+    ]
+    if resident:
+        raise ExpertOffloadConfigError(
+            f"expert offload is enabled but {len(resident)} MoE layer(s) would stay fully resident, because vLLM "
+            f"built them without the offloaded expert layer: {resident[:4]}. Serve this model without "
+            f"--enable-expert-offload"
+        )
 
 
 def begin_worker_step(worker, scheduler_output) -> None:

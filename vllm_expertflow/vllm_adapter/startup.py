@@ -27,6 +27,11 @@ from vllm_expertflow.vllm_adapter.vllm_api import EngineArgs, init_logger, insta
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
+# HF model types whose experts carry tensors the slots do not hold yet (refused at startup, before loading).
+UNSUPPORTED_EXPERT_LAYOUTS = {
+    "gpt_oss": "per-expert biases (gate_up_proj_bias, down_proj_bias) and a clamped SwiGLU activation",
+}
+
 # argparse dest -> expert_offload key
 CLI_KEYS = {
     "enable_expert_offload": "enabled",
@@ -153,6 +158,22 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
         raise ExpertOffloadConfigError(
             f"expert offload supports unquantized MoE weights only; {model_config.model} uses "
             f"quantization={model_config.quantization!r}. Valid: an unquantized (bf16/fp16/fp32) checkpoint"
+        )
+    model_type = getattr(model_config.hf_text_config, "model_type", None)
+    if model_type in UNSUPPORTED_EXPERT_LAYOUTS:
+        raise ExpertOffloadConfigError(
+            f"expert offload does not support {model_config.model} (model_type {model_type!r}) yet: its experts have "
+            f"{UNSUPPORTED_EXPERT_LAYOUTS[model_type]}, which the expert slots do not hold. Serve it without "
+            f"--enable-expert-offload"
+        )
+    on_cpu = getattr(vllm_config.device_config.device, "type", None) == "cpu"
+    if offload.scheduling == "expertflow" and on_cpu and getattr(model_config, "use_mla", False):
+        logger.warning(
+            "expert scheduling 'expertflow' changes which requests share an engine step, and %s uses MLA "
+            "attention, whose vLLM-CPU rotary kernel gives a request's rows different values in different "
+            "batches: greedy output can then differ from plain vLLM's (as it does between two max_num_seqs "
+            "settings). --expert-scheduling fcfs keeps vLLM's step composition and token identity",
+            model_config.model,
         )
     if offload.cache_slots is not None and offload.cache_slots > num_experts:
         logger.warning(
