@@ -77,6 +77,7 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
             vllm_expertflow.flush_expert_trace(llm)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         scheduling = _scheduling_stats(llm)
+        steps = vllm_expertflow.get_step_records(llm) if offload and offload.get("enabled") else None
         results.append({
             "name": spec.get("name", json.dumps(offload)),
             "offload": offload,
@@ -88,6 +89,7 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
             "cache": stats,  # the measured batch only
             "cache_total_loads": total["loads"] if total else None,  # warm-up included
             "scheduling": scheduling,
+            "steps": steps,  # per engine step, warm-up included (vllm_expertflow.get_step_records)
         })
         del llm
         gc.collect()
@@ -98,14 +100,19 @@ def _scheduling_stats(llm) -> dict[str, Any] | None:
     from vllm_expertflow.vllm_adapter.vllm_api import inprocess_scheduler
 
     scheduler = inprocess_scheduler(llm)
-    seconds = list(getattr(scheduler, "grouping_seconds", []))
-    if not seconds:
+    if not getattr(scheduler, "grouping_on", False):
         return None
+    seconds = list(scheduler.grouping_seconds) or [0.0]
     held = list(scheduler.held_per_step)
+    scores = list(scheduler.prediction_scores)
     return {
-        "grouped_steps": len(seconds),
+        "grouped_steps": len(scheduler.grouping_seconds),
         "steps_with_held_requests": sum(1 for h in held if h),
         "cache_aware_steps": scheduler.cache_aware_steps,
+        "changed_steps": scheduler.changed_steps,
+        "fcfs_fallback_steps": scheduler.fcfs_fallback_steps,
+        "predicted_requests": len(scores),
+        "prediction_precision": sum(p for p, _ in scores) / len(scores) if scores else None,
         "grouping_ms_median": 1e3 * sorted(seconds)[len(seconds) // 2],
         "grouping_ms_max": 1e3 * max(seconds),
     }

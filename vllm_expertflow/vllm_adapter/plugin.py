@@ -21,12 +21,13 @@ def register() -> None:
         OffloadedUnquantizedFusedMoEMethod,
         model_loaded,
     )
-    from vllm_expertflow.vllm_adapter.stats import worker_cache_stats, worker_flush_trace
+    from vllm_expertflow.vllm_adapter.stats import worker_cache_stats, worker_flush_trace, worker_step_records
 
     if not vllm_api.is_oot_registered("RoutedExperts"):
         vllm_api.register_oot_layers(OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod)
     vllm_api.WorkerBase.expertflow_cache_stats = worker_cache_stats
     vllm_api.WorkerBase.expertflow_flush_trace = worker_flush_trace
+    vllm_api.WorkerBase.expertflow_step_records = worker_step_records
     # Before any worker loads a model: the offloaded layers are built inside load_model, too late
     # to wrap it for that engine. With offload off the callback finds no cache group and returns.
     vllm_api.install_model_loaded_hook(model_loaded)
