@@ -41,11 +41,65 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-WORKLOADS = ("mixed", "topics")
-DEFAULT_MODELS = {"mixed": "toy-qwen3-vl-moe", "topics": "qwen3_moe_topics"}
+WORKLOADS = ("mixed", "topics", "rationale", "direct")
+# The study model's shape with random weights, built here until the trained one (models/study-qwen3-vl-moe) exists.
+STUDY_SHAPE_RANDOM = "study-shape-random"
+STUDY_MODEL = "study-qwen3-vl-moe"
+DEFAULT_MODELS = {"mixed": "toy-qwen3-vl-moe", "topics": "qwen3_moe_topics", "rationale": STUDY_MODEL,
+                  "direct": STUDY_MODEL}
 # Longer answers on the topic model: there, decode steps are what grouping can reorder. Room for every
-# request to run at once.
-WORKLOAD_DEFAULTS = {"mixed": {"max_tokens": 24, "max_num_seqs": 32}, "topics": {"max_tokens": 64, "max_num_seqs": 64}}
+# request to run at once. The study's two regimes on easy-vqa test questions: a short rationale before the
+# answer (decode-heavy, as reasoning VLMs answer) and a direct answer of 1-3 tokens (prefill-heavy).
+WORKLOAD_DEFAULTS = {
+    "mixed": {"max_tokens": 24, "max_num_seqs": 32, "requests": 48, "arrival_every": 1, "capacities": "25,50,100",
+              "max_tokens_spread": 0},
+    "topics": {"max_tokens": 64, "max_num_seqs": 64, "requests": 48, "arrival_every": 1, "capacities": "25,50,100",
+               "max_tokens_spread": 0},
+    "rationale": {"max_tokens": 48, "max_num_seqs": 64, "requests": 96, "arrival_every": 0, "capacities": "25,50",
+                  "max_tokens_spread": 16},
+    "direct": {"max_tokens": 2, "max_num_seqs": 64, "requests": 96, "arrival_every": 0, "capacities": "25,50",
+               "max_tokens_spread": 1},
+}
+PROMPT_STYLES = ("rationale", "direct")  # the study's regimes, prompts from vllm_expertflow.eval.prompts
+
+
+def build_study_shape_random(out_dir: Path) -> Path:
+    """A random Qwen3-VL-MoE of the study model's shape (skipped if present).
+
+    Text: hidden 192, 6 layers, all MoE, 128 experts top-8, moe_intermediate 32; the bundled
+    toy VLM's vision tower, tokenizer and processor. Random routers route near-uniformly, the
+    pessimistic case for grouping: a trained router clusters by content.
+    """
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import Qwen3VLMoeConfig, Qwen3VLMoeForConditionalGeneration
+
+    if (out_dir / "model.safetensors").exists():
+        return out_dir
+    toy = REPO / "models" / "toy-qwen3-vl-moe"
+    config = Qwen3VLMoeConfig.from_pretrained(toy)
+    text = config.text_config
+    text.num_hidden_layers, text.num_experts, text.num_experts_per_tok = 6, 128, 8
+    text.moe_intermediate_size, text.mlp_only_layers, text.decoder_sparse_step = 32, [], 1
+    assert text.hidden_size == 192 and 2 * text.moe_intermediate_size != text.hidden_size
+    torch.manual_seed(0)
+    model = Qwen3VLMoeForConditionalGeneration(config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.down_proj"):
+            tensor = tensor.transpose(1, 2)  # transformers' internal layout -> the released one vLLM loads
+        state[name] = tensor.detach().to(torch.float32).contiguous()
+    config.dtype = text.dtype = config.vision_config.dtype = "float32"
+    config.save_pretrained(out_dir)
+    save_file(state, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    for name in ("generation_config.json", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+                 "chat_template.jinja"):
+        if (toy / name).exists():
+            shutil.copy(toy / name, out_dir / name)
+    return out_dir
 
 
 def resolve_model(name: str) -> str:
@@ -55,6 +109,10 @@ def resolve_model(name: str) -> str:
     for candidate in (Path(name), REPO / "models" / name):
         if (candidate / "config.json").exists():
             return str(candidate)
+    if name in (STUDY_SHAPE_RANDOM, STUDY_MODEL):  # the trained study model is missing: its shape, random
+        if name == STUDY_MODEL:
+            print(f"models/{STUDY_MODEL} not found: using {STUDY_SHAPE_RANDOM} (random weights)", file=sys.stderr)
+        return str(build_study_shape_random(REPO / ".cache" / "tiny-models" / STUDY_SHAPE_RANDOM))
     if name in MODEL_SHAPES:
         return str(build_tiny_moe(name, REPO / ".cache" / "tiny-models" / name))
     if name == DEFAULT_MODELS["mixed"]:  # the bundled VLM is missing: fall back to the bundled text model
@@ -66,6 +124,8 @@ def build_workload(args, is_vlm: bool) -> list:
     from vllm_expertflow.tiny_models import sample_image_requests, sample_prompts, sample_topic_prompts
 
     model, count = args.model, args.requests
+    if args.workload in PROMPT_STYLES:
+        return easy_vqa_requests(model, count, args.workload)
     if args.workload == "topics":
         return [prompt for _, prompt in sample_topic_prompts(count, int(args.topics), seed=3)]
     if not is_vlm:
@@ -84,6 +144,38 @@ def build_workload(args, is_vlm: bool) -> list:
     return workload
 
 
+def easy_vqa_requests(model: str, count: int, regime: str) -> list[dict]:
+    """easy-vqa test questions as the study samples them (seeded, in split order), in one prompt regime."""
+    from PIL import Image
+    from transformers import AutoTokenizer
+
+    from vllm_expertflow.eval.prompts import open_prompt
+    from vllm_expertflow.eval.vqav2 import select_easy_vqa_questions
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    requests = []
+    for item in select_easy_vqa_questions("test", limit=count, seed=0):
+        content = [{"type": "image"}, {"type": "text", "text": open_prompt(item.question, regime)}]
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                               add_generation_prompt=True)
+        requests.append({"prompt": prompt, "multi_modal_data": {"image": Image.open(item.image_path).convert("RGB")}})
+    return requests
+
+
+def answer_lengths(args, count: int) -> list[int]:
+    """Tokens each request generates: ``max_tokens`` +- ``max_tokens_spread``, uniform, the same in every setting.
+
+    Answers of different lengths finish at different steps, so places free up one by one and the
+    waiting requests' admission order is the scheduler's choice, as when a benchmark of 1,000
+    questions runs with 64 places.
+    """
+    import random
+
+    rng = random.Random(7)
+    low, high = max(1, args.max_tokens - args.max_tokens_spread), args.max_tokens + args.max_tokens_spread
+    return [rng.randint(low, high) for _ in range(count)]
+
+
 def run_setting(args, offload: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -99,7 +191,7 @@ def run_setting(args, offload: dict) -> dict:
     workload = build_workload(args, is_vlm)
     llm = LLM(**engine_kwargs(args.model, offload, multimodal=is_vlm), max_num_seqs=args.max_num_seqs)
     engine = llm.llm_engine
-    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    lengths = answer_lengths(args, len(workload))
     arrivals = {f"r{i}": i * args.arrival_every for i in range(len(workload))}
     pending = list(range(len(workload)))
     added_at: dict[str, float] = {}
@@ -111,7 +203,7 @@ def run_setting(args, offload: dict) -> dict:
         while pending and arrivals[f"r{pending[0]}"] <= step:
             i = pending.pop(0)
             prompt = workload[i]
-            engine.add_request(f"r{i}", prompt, sampling)
+            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=lengths[i], ignore_eos=True))
             added_at[f"r{i}"] = time.perf_counter()
         now_outputs = engine.step()
         now = time.perf_counter()
@@ -124,6 +216,7 @@ def run_setting(args, offload: dict) -> dict:
     wall = time.perf_counter() - start
     vllm_expertflow.flush_expert_trace(llm)
     stats = vllm_expertflow.get_expert_cache_stats(llm)
+    records = vllm_expertflow.get_step_records(llm)
     trace = read_trace(offload["trace_dir"])
     distinct = [
         statistics.mean(len(set(step_ids[:, layer, :].ravel().tolist())) for layer in range(trace.num_layers))
@@ -132,11 +225,12 @@ def run_setting(args, offload: dict) -> dict:
     ttft = [token_times[r][0] - added_at[r] for r in token_times]
     tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in token_times.values() if len(t) > 1]
     generated = sum(len(t) for t in token_times.values())
-    timing = trace_timing(trace, offload["cache_slots"], args)
+    lengths_by_id = {f"r{i}": n for i, n in enumerate(lengths)}
+    timing = trace_timing(trace, offload["cache_slots"], args, lengths_by_id)
     # The cache policy changes loads, not the steps: each policy replays the same trace.
     by_policy = {}
     for policy in args.replay_policies.split(","):
-        replayed = trace_timing(trace, offload["cache_slots"], args, policy)
+        replayed = trace_timing(trace, offload["cache_slots"], args, lengths_by_id, policy)
         by_policy[policy] = {**replayed, "loads_per_token": replayed["replayed_loads"] / generated}
     if timing["replayed_loads"] != stats["loads"]:
         print(f"warning: the trace replays to {timing['replayed_loads']} loads, the live cache counted {stats['loads']}",
@@ -153,6 +247,7 @@ def run_setting(args, offload: dict) -> dict:
         **timing,
         "by_policy": by_policy,
         **_grouping_stats(llm),
+        **composition_stats(records, trace, offload["cache_slots"]),
         "tokens": token_ids,
     }
 
@@ -161,13 +256,44 @@ def run_setting(args, offload: dict) -> dict:
 REPLAY_POLICIES = {"lru": ("lru", {}), "lfru": ("lfru", {}), "lfru-37190": ("lfru", {"score": "freq_over_age"})}
 
 
-def trace_timing(trace, slots: int, args, policy: str = "lru") -> dict:
+def composition_stats(records: list[dict], trace, slots: int) -> dict:
+    """What the steps looked like: how many the scheduler changed versus FCFS, and unions against the slots.
+
+    ``records``: ``vllm_expertflow.get_step_records``; each prefill's own union comes from the
+    trace (a request's first step: its prompt, or its first chunk).
+    """
+    import numpy as np
+
+    from vllm_expertflow.vllm_adapter.stats import summarize_step_records
+
+    summary = summarize_step_records(records, slots)
+    first_step_union = []
+    for request_id in np.unique(trace.request_id):
+        rows = trace.request_id == request_id
+        first = trace.step_id[rows].min()
+        ids = trace.topk_ids[rows & (trace.step_id == first)]  # [tokens, layers, top_k]
+        first_step_union.append(np.mean([len(np.unique(ids[:, layer])) for layer in range(ids.shape[1])]))
+    prefill_union = np.array(first_step_union)
+    return {
+        "changed_steps": summary["changed_steps"],
+        "changed_fraction": summary["changed_fraction"],
+        "fcfs_fallback_steps": summary["fcfs_fallback_steps"],
+        "steps_over_slots": summary["steps_over_slots"],
+        "steps_with_prefill": summary["steps_with_prefill"],
+        "tokens_per_step": summary["tokens_per_step"],
+        "prefill_union_mean": float(prefill_union.mean()),
+        "prefills_over_slots": int((prefill_union > slots).sum()),
+        "prefills": len(prefill_union),
+    }
+
+
+def trace_timing(trace, slots: int, args, generated: dict[str, int], policy: str = "lru") -> dict:
     """TPOT from the routing trace, free of the shared CPU's timing noise: in engine steps, and modeled.
 
     Each step's expert loads come from replaying the trace through the live cache's LRU and pass
     planning (checked against the live count by the caller); the modeled step takes the replay's
     compute time scaled to this model's layers plus its loads at the replay's copy cost.
-    Every request generates ``args.max_tokens`` tokens: its last that many steps produced them.
+    Request ``r`` generates ``generated[r]`` tokens (ignore_eos): its last that many steps produced them.
     """
     import numpy as np
 
@@ -185,17 +311,25 @@ def trace_timing(trace, slots: int, args, policy: str = "lru") -> dict:
             for pass_rows in plan_passes(rows, slots):
                 slot_map.admit(np.unique(rows[pass_rows]).tolist())
         loads.append(sum(m.stats.loads for m in maps) - before)
+    # Steps with a prefill: some request ran more than one token (its prompt or a chunk of it).
+    with_prefill = []
+    for step in np.unique(trace.step_id):
+        _, counts = np.unique(trace.request_id[trace.step_id == step], return_counts=True)
+        with_prefill.append(bool(counts.max() > 1))
     compute_ms = args.replay_compute_ms * trace.num_layers / args.replay_layers
     clock_ms = np.cumsum(compute_ms + np.array(loads) * args.replay_expert_mb / args.replay_link_gbps)
     rank = np.searchsorted(np.unique(trace.step_id), trace.step_id)
     tpot_steps, tpot_ms = [], []
     for request_id in np.unique(trace.request_id):
-        steps = np.unique(rank[trace.request_id == request_id])[-args.max_tokens:]
+        # vLLM's engine suffixes the ids it was given ("r7" runs as "r7-<random>").
+        name = str(request_id) if str(request_id) in generated else str(request_id).rsplit("-", 1)[0]
+        steps = np.unique(rank[trace.request_id == request_id])[-generated[name]:]
         if len(steps) > 1:
             tpot_steps.append((steps[-1] - steps[0]) / (len(steps) - 1))
             tpot_ms.append((clock_ms[steps[-1]] - clock_ms[steps[0]]) / (len(steps) - 1))
     return {
         "replayed_loads": int(sum(loads)),
+        "prefill_step_loads_share": sum(n for n, p in zip(loads, with_prefill, strict=True) if p) / max(1, sum(loads)),
         "tpot_steps_p50": percentile(tpot_steps, 0.5), "tpot_steps_p99": percentile(tpot_steps, 0.99),
         "tpot_modeled_ms_p50": percentile(tpot_ms, 0.5), "tpot_modeled_ms_p99": percentile(tpot_ms, 0.99),
     }
@@ -208,11 +342,16 @@ def _grouping_stats(llm) -> dict:
     recorded = vllm_expertflow.get_scheduling_stats(llm) or {"grouping_seconds": [], "held_per_step": []}
     seconds = sorted(recorded["grouping_seconds"])
     held = recorded["held_per_step"]
+    scores = recorded.get("prediction_scores", [])
     return {
         "grouping_ms_median": 1e3 * seconds[len(seconds) // 2] if seconds else None,
         "grouped_steps": len(seconds),
         "steps_holding_back": sum(1 for h in held if h),
         "held_mean": statistics.mean(held) if held else 0.0,
+        # New requests' predicted experts against their first step's, pooled over layers.
+        "predicted_requests": len(scores),
+        "prediction_precision": statistics.mean(p for p, _ in scores) if scores else None,
+        "prediction_recall": statistics.mean(r for _, r in scores) if scores else None,
     }
 
 
@@ -341,16 +480,19 @@ def main() -> int:
                                         f"{DEFAULT_MODELS})")
     parser.add_argument("--topics", default="8,4",
                         help="topics workload: how many of the model's topics the prompts come from, one table each")
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--requests", type=int, help=f"default per workload: {WORKLOAD_DEFAULTS}")
     parser.add_argument("--max-tokens", type=int, help=f"default per workload: {WORKLOAD_DEFAULTS}")
-    parser.add_argument("--arrival-every", type=int, default=1, help="engine steps between arrivals (0: all at once)")
+    parser.add_argument("--max-tokens-spread", type=int,
+                        help="each request generates max_tokens +- this many tokens (seeded); default per workload")
+    parser.add_argument("--arrival-every", type=int,
+                        help="engine steps between arrivals (0: all at once); default per workload")
     parser.add_argument("--max-num-seqs", type=int, help=f"default per workload: {WORKLOAD_DEFAULTS}")
     parser.add_argument("--max-skip-steps", type=int, default=2, help="expertflow fairness limit K")
     parser.add_argument("--min-run-fraction", type=float, default=0.5,
                         help="expertflow's throughput bound (min_run_fraction: share of running requests run each step)")
     parser.add_argument("--max-overflow-ratio", default="0.25",
                         help="expertflow's hold-back rule (max_overflow_ratio; 'none': off)")
-    parser.add_argument("--capacities", default="25,50,100", help="percent of the experts per layer")
+    parser.add_argument("--capacities", help="percent of the experts per layer; default per workload")
     parser.add_argument("--replay-only", action="store_true", help="only the core replay on clustered routing")
     parser.add_argument("--replay-layers", type=int, default=48)
     parser.add_argument("--replay-experts", type=int, default=128)
@@ -376,7 +518,7 @@ def main() -> int:
         parser.error(f"--replay-policies {unknown} unknown; valid: {list(REPLAY_POLICIES)}")
     if args.model is None and not args.setting:
         args.model = DEFAULT_MODELS[args.workload]
-    for key, value in WORKLOAD_DEFAULTS[args.workload].items():
+    for key, value in WORKLOAD_DEFAULTS[args.workload].items():  # also for --setting: the parent passes them
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.setting:
@@ -385,11 +527,13 @@ def main() -> int:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    args.command = " ".join(["python", "benchmarks/token_scheduling.py", *sys.argv[1:]])
+    args.commit = _git_commit()
     if not args.replay_only:
         args.model = resolve_model(args.model)
         run_live(args, out if args.workload == "mixed" else out.with_name(f"{out.name}_{args.workload}"))
-    if args.no_core_replay:
-        return 0
+    if args.no_core_replay or (args.workload != "mixed" and not args.replay_only):
+        return 0  # the core replay belongs to the default run
     replay_rows = replay_clustered(args)
     replay = replay_table(args, replay_rows)
     print(replay)
@@ -400,9 +544,26 @@ def main() -> int:
     return 0
 
 
+def _git_commit() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
+    return commit + (" (with uncommitted changes)" if dirty else "")
+
+
+def _machine_load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) / {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
 def run_live(args, out: Path) -> None:
     """Every capacity x scheduling setting, once per topic count (topics workload); writes one results file."""
     topic_counts = [int(t) for t in str(args.topics).split(",")] if args.workload == "topics" else [None]
+    load_before = _machine_load()
+    started = time.perf_counter()
     sections, all_rows = [], []
     for topics in topic_counts:
         rows = run_settings(args, topics)
@@ -412,9 +573,14 @@ def run_live(args, out: Path) -> None:
         print(section)
         sections.append(section)
         all_rows += [{"topics": topics, **row} for row in rows]
-    out.with_suffix(".md").write_text("\n\n".join([results_header(), *sections]) + "\n")
-    out.with_suffix(".json").write_text(
-        json.dumps({"provenance": provenance(), "args": vars(args), "rows": all_rows}, indent=1))
+    elapsed_s = time.perf_counter() - started
+    sections.insert(0, f"{results_header()} Load before the run: {load_before}; {elapsed_s:.0f} s in all.")
+    if args.workload in PROMPT_STYLES:
+        sections.append(composition_table(all_rows))
+    out.with_suffix(".md").write_text("\n\n".join(sections) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(
+        {"provenance": {**provenance(), "load_before": load_before, "elapsed_s": elapsed_s}, "args": vars(args),
+         "rows": all_rows}, indent=1))
 
 
 def run_settings(args, topics: int | None) -> list[dict]:
@@ -434,7 +600,8 @@ def run_settings(args, topics: int | None) -> list[dict]:
                        "min_run_fraction": args.min_run_fraction}
             cmd = [sys.executable, __file__, "--workload", args.workload, "--model", args.model,
                    "--topics", str(topics or 0), "--requests", str(args.requests),
-                   "--max-tokens", str(args.max_tokens), "--arrival-every", str(args.arrival_every),
+                   "--max-tokens", str(args.max_tokens), "--max-tokens-spread", str(args.max_tokens_spread),
+                   "--arrival-every", str(args.arrival_every),
                    "--max-num-seqs", str(args.max_num_seqs), "--setting", json.dumps(offload),
                    *replay_options(args)]
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -448,8 +615,8 @@ def run_settings(args, topics: int | None) -> list[dict]:
 def live_table(rows: list[dict]) -> str:
     lines = ["| capacity | scheduling | distinct experts/step | loads/token | ratio to fcfs | tok/s | TTFT p50/p99 (s) "
              "| TPOT p50/p99 (ms) | p99 ratio | TPOT steps p99 | modeled TPOT p50/p99 (ms) | p99 ratio (modeled) "
-             "| same output as fcfs | steps holding back | grouping ms/step |",
-             "|---|---|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| same output as fcfs | steps holding back | steps changed vs fcfs | grouping ms/step |",
+             "|---|---|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         fcfs = next(r for r in rows if r["capacity_pct"] == row["capacity_pct"] and r["scheduling"] == "fcfs")
         row["loads_ratio_to_fcfs"] = row["loads_per_token"] / fcfs["loads_per_token"] if fcfs["loads_per_token"] else 1
@@ -466,6 +633,7 @@ def live_table(rows: list[dict]) -> str:
             f"{1e3 * row['tpot_p50']:.1f}/{1e3 * row['tpot_p99']:.1f} | {row['tpot_p99_ratio_to_fcfs']:.2f} | "
             f"{row['tpot_steps_p99']:.2f} | {row['tpot_modeled_ms_p50']:.1f}/{row['tpot_modeled_ms_p99']:.1f} | "
             f"{row['tpot_modeled_p99_ratio_to_fcfs']:.2f} | {row['agreement_with_fcfs']:.0%} | {holding} | "
+            f"{row['changed_steps']}/{row['steps']} ({row['changed_fraction']:.0%}) | "
             f"{'-' if row['grouping_ms_median'] is None else format(row['grouping_ms_median'], '.2f')} |")
     return "\n".join(lines)
 
@@ -503,9 +671,36 @@ def policy_table(rows: list[dict], policies: list[str]) -> str:
     return "\n".join(lines)
 
 
+def composition_table(rows: list[dict]) -> str:
+    """Why grouping can or cannot pay: step and prefill unions against the slots, and how well new requests
+    were predicted before their first step."""
+    lines = ["Step composition (`vllm_expertflow.get_step_records`; a prefill's own union from the routing trace: "
+             "its request's first step). Prediction: each new request's experts as the scheduler predicted them "
+             "before its first step (routers on its text tokens' embeddings, plus its image's experts if an "
+             "earlier request had the same picture), against what that step used, pooled over layers.",
+             "",
+             "| capacity | scheduling | steps | with a prefill | changed vs fcfs | left as fcfs (prefill overflows) "
+             "| tokens/step | distinct experts/layer/step | steps over the slots | loads in steps with a prefill "
+             "| a prefill's own union/layer | prefills over the slots | prediction precision / recall (requests) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        prediction = "-" if row.get("prediction_precision") is None else (
+            f"{row['prediction_precision']:.2f} / {row['prediction_recall']:.2f} ({row['predicted_requests']})")
+        lines.append(
+            f"| {row['capacity_pct']}% ({row['slots']} slots) | {row['scheduling']} | {row['steps']} | "
+            f"{row['steps_with_prefill']} | {row['changed_steps']} ({row['changed_fraction']:.0%}) | "
+            f"{row['fcfs_fallback_steps']} | {row['tokens_per_step']:.1f} | {row['distinct_experts_per_step']:.1f} | "
+            f"{row['steps_over_slots']} | {row['prefill_step_loads_share']:.0%} | {row['prefill_union_mean']:.1f} | "
+            f"{row['prefills_over_slots']}/"
+            f"{row['prefills']} | {prediction} |")
+    return "\n".join(lines)
+
+
 def live_header(args, topics: int | None) -> str:
     arrivals = f"one arrival every {args.arrival_every} step(s)" if args.arrival_every else "all arriving at once"
-    header = (f"model `{Path(args.model).name}`, {args.requests} requests x {args.max_tokens} tokens, {arrivals}, "
+    spread = f" +- {args.max_tokens_spread}" if args.max_tokens_spread else ""
+    header = (f"model `{Path(args.model).name}`, {args.requests} requests x {args.max_tokens}{spread} tokens, "
+              f"{arrivals}, "
               f"max {args.max_num_seqs} running, K={args.max_skip_steps}, min_run_fraction {args.min_run_fraction:g}, "
               f"max_overflow_ratio {args.max_overflow_ratio}; "
               f"on CPU, where expert copies cost almost nothing and wall-clock TPOT follows the machine's load. "
@@ -513,6 +708,14 @@ def live_header(args, topics: int | None) -> str:
               f"{args.replay_compute_ms:g} ms x layers/{args.replay_layers} of compute plus its expert loads at "
               f"{args.replay_expert_mb:g} MB (a Qwen3-30B-A3B bf16 expert) / {args.replay_link_gbps:g} GB/s each, "
               f"no overlap.")
+    if args.workload in PROMPT_STYLES:
+        model = (f"`{STUDY_SHAPE_RANDOM}` is the study model's shape with random weights "
+                 f"(`build_study_shape_random`: Qwen3-VL-MoE, text hidden 192, 6 layers all MoE, 128 experts top-8, "
+                 f"moe_intermediate 32; the toy VLM's vision tower and tokenizer), not the trained model. "
+                 if Path(args.model).name == STUDY_SHAPE_RANDOM else "")
+        return (f"### {args.workload} regime\n\n{header} easy-vqa test questions as the study samples them "
+                f"(seeded, split order) in the study's {args.workload} prompt (`eval/prompts.py`), every request "
+                f"submitted at once, generating with ignore_eos. {model}")
     if topics is None:
         return header
     return (f"### {topics} topics\n\nSynthetic topic workload: {header} Prompts of {topics} topics (about 90% "

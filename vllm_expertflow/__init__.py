@@ -29,6 +29,14 @@ def get_scheduling_stats(llm: Any) -> dict[str, Any] | None:
     return _get(llm)
 
 
+def get_step_records(llm: Any) -> list[dict[str, Any]]:
+    """Per engine step of an offline ``vllm.LLM``: tokens, distinct experts per MoE layer, and whether
+    expert-aware scheduling changed the step's composition versus FCFS (``stats.get_step_records``)."""
+    from vllm_expertflow.vllm_adapter.stats import get_step_records as _get
+
+    return _get(llm)
+
+
 def flush_expert_trace(llm: Any) -> None:
     """Write the routing steps an offline ``vllm.LLM`` has buffered to its ``trace_dir``."""
     llm.collective_rpc("expertflow_flush_trace")

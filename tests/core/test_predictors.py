@@ -8,10 +8,12 @@ from vllm_expertflow.core.predictors import (
     FrequencyPredictor,
     HistoryPredictor,
     LookaheadPredictor,
+    PromptRoutingPredictor,
     RoutingPathPredictor,
     make_predictor,
     multi_hot,
     position_buckets,
+    signature_precision_recall,
     step_demand,
 )
 from vllm_expertflow.core.trace import RoutingTrace
@@ -187,3 +189,39 @@ def test_lookahead_applies_the_next_layers_routers_to_the_current_hidden_state()
         predictor.predict(torch.randn(2, 5), from_layer=0)
     with pytest.raises(ValueError, match="from_layer 3 out of range 0..2"):
         predictor.predict(states, from_layer=3)
+
+
+def test_prompt_predictor_is_each_layers_router_on_the_token_embeddings():
+    torch.manual_seed(0)
+    vocab, hidden, experts, top_k = 50, 16, 12, 3
+    embeddings = torch.randn(vocab, hidden)
+    routers = [torch.randn(experts, hidden) for _ in range(2)]
+    norms = [None, torch.rand(hidden) + 0.5]
+    predictor = PromptRoutingPredictor.from_weights(embeddings, routers, top_k, norm_weights=norms, chunk=7)
+    assert predictor.token_experts.shape == (vocab, 2, top_k)
+    prompt = [3, 17, 17, 42, 999, -1]  # repeats count once; ids outside the vocabulary are skipped
+    expected = np.zeros((2, experts), dtype=bool)
+    for token in (3, 17, 42):
+        expected[0, torch.topk(embeddings[token] @ routers[0].T, top_k).indices.numpy()] = True
+        expected[1, torch.topk((embeddings[token] * norms[1]) @ routers[1].T, top_k).indices.numpy()] = True
+    predicted = predictor.predict(prompt)
+    np.testing.assert_array_equal(predicted.to_mask(), expected)
+    # Scored against what the request then used: half of one layer's claims were right.
+    used = np.zeros_like(expected)
+    used[0, np.flatnonzero(expected[0])[:2]] = True
+    from vllm_expertflow.core.grouping import ExpertSignature
+
+    precision, recall = signature_precision_recall(predicted, ExpertSignature.from_mask(used))
+    assert precision == pytest.approx(2 / expected.sum()) and recall == 1.0
+    assert predictor.predict([]).to_mask().sum() == 0
+
+
+def test_prompt_predictor_errors_name_the_bad_value():
+    with pytest.raises(ValueError, match="token_experts must be int"):
+        PromptRoutingPredictor(np.zeros((4, 2), dtype=np.int32), 8)
+    with pytest.raises(ValueError, match="outside 0..7"):
+        PromptRoutingPredictor(np.full((4, 2, 2), 9, dtype=np.int32), 8)
+    with pytest.raises(ValueError, match=r"embeddings must be \[vocab, 16\]"):
+        PromptRoutingPredictor.from_weights(torch.zeros(5, 8), [torch.zeros(4, 16)], 2)
+    with pytest.raises(ValueError, match="top_k must be in 1..4"):
+        PromptRoutingPredictor.from_weights(torch.zeros(5, 16), [torch.zeros(4, 16)], 5)

@@ -312,6 +312,8 @@ class ExpertAwareGrouper:
     def __init__(self, config: GroupingConfig) -> None:
         self.config = config
         self._skips: dict[str, int] = {}
+        # Waiting requests: consecutive admissions in which a later arrival was admitted before them.
+        self._passed_over: dict[str, int] = {}
         self._last_step: int | None = None
         # Union of the known signatures of the last selection: what the slots hold next.
         self.last_union: ExpertSignature | None = None
@@ -328,8 +330,52 @@ class ExpertAwareGrouper:
         return self._skips.get(request_id, 0)
 
     def forget(self, request_id: str) -> None:
-        """Drop a finished request's counter; unknown ids are ignored."""
+        """Drop a finished request's counters; unknown ids are ignored."""
         self._skips.pop(request_id, None)
+        self._passed_over.pop(request_id, None)
+
+    def passed_over_count(self, request_id: str) -> int:
+        """Consecutive admissions in which a later arrival overtook waiting ``request_id`` (0 if unknown)."""
+        return self._passed_over.get(request_id, 0)
+
+    def everyone_ran(self, request_ids: Sequence[str]) -> None:
+        """A step ran every running request (as FCFS would): their skip counters restart."""
+        for request_id in request_ids:
+            self._skips[request_id] = 0
+
+    def note_admission(self, waiting: Sequence[RequestView], admitted: Sequence[str] | set[str]) -> None:
+        """After a step: ``admitted`` of the ``waiting`` requests got in; count who was overtaken.
+
+        A request still waiting while a later arrival of its priority or a less urgent one was
+        admitted has been passed over once more; any other outcome resets its count. At
+        ``max_skip_steps`` passes it goes first in ``admission_order`` (after more urgent ones).
+        """
+        admitted = set(admitted)
+        keys = [(view.priority, view.arrival_time, view.request_id) for view in waiting if view.request_id in admitted]
+        for view in waiting:
+            if view.request_id in admitted:
+                self._passed_over.pop(view.request_id, None)
+                continue
+            overtaken = any(
+                priority >= view.priority and (arrival, request_id) > (view.arrival_time, view.request_id)
+                for priority, arrival, request_id in keys
+            )
+            self._passed_over[view.request_id] = self._passed_over.get(view.request_id, 0) + 1 if overtaken else 0
+
+    def overflows_alone(self, signature: ExpertSignature | np.ndarray | None, scale: float = 1.0) -> bool:
+        """Whether one request's experts alone exceed the slots in at least half of the MoE layers.
+
+        Such a request (a prefill of a long or image prompt) makes its step run in passes that
+        reload experts whatever else shares it, and with few slots it touches most experts:
+        grouping the others around it cannot save loads, only delay them. Unknown: False.
+        ``scale``: expected used experts per predicted one, for a prediction that over- or
+        under-claims (1 for a signature that was observed).
+        """
+        capacity = self.config.capacity
+        if signature is None or capacity is None:
+            return False
+        counts = _as_words(signature).layer_counts() * scale
+        return bool(2 * int((counts > capacity).sum()) >= len(counts))
 
     def select(
         self, running: Sequence[RequestView], step: int, resident: ExpertSignature | np.ndarray | None = None
@@ -442,10 +488,12 @@ class ExpertAwareGrouper:
     ) -> list[str]:
         """Waiting request ids ranked for admission: priority first, then expert affinity.
 
-        Within a priority level the head of the line (earliest arrival) stays first, so a
-        request with unusual experts cannot be passed over forever; the rest follow by the
-        experts they would add to ``current_union`` (e.g. ``last_union``), fewest first, then
-        arrival. An unknown signature counts as the level's mean, neither favoured nor held back.
+        Within a priority level the head of the line (earliest arrival) stays first, then, in
+        arrival order, every request passed over ``max_skip_steps`` times in a row
+        (``note_admission``), so a request with unusual experts waits a bounded number of
+        admissions; the rest follow by the experts they would add to ``current_union`` (e.g. the
+        step's chosen requests and the slots' contents), fewest first, then arrival. An unknown
+        signature counts as the level's mean, neither favoured nor held back.
         """
         if not waiting:
             return []
@@ -470,11 +518,12 @@ class ExpertAwareGrouper:
         arrival_key = sorted(range(n), key=lambda i: (waiting[i].arrival_time, waiting[i].request_id))
         by_arrival = np.empty(n, dtype=np.int64)
         by_arrival[arrival_key] = np.arange(n)
-        head = np.zeros(n, dtype=bool)
+        head = np.array([self._passed_over.get(r.request_id, 0) >= self.config.max_skip_steps for r in waiting])
         for level in np.unique(priority):
             members = np.flatnonzero(priority == level)
             head[members[np.argmin(by_arrival[members])]] = True
-        ranking = np.lexsort((by_arrival, cost, ~head, priority))
+        # Heads rank by arrival alone (cost 0 for them); the rest by cost, then arrival.
+        ranking = np.lexsort((by_arrival, np.where(head, 0.0, cost), ~head, priority))
         return [waiting[i].request_id for i in ranking]
 
     @staticmethod

@@ -457,6 +457,101 @@ class LookaheadPredictor:
         return torch.stack(picks, dim=1).to(torch.int32)
 
 
+class PromptRoutingPredictor:
+    """A new request's experts before its first step: every MoE layer's router on its prompt tokens' embeddings.
+
+    ExpertFlow predicts routing from the input before the first MoE layer. A request that has
+    not run yet has no hidden states, only token ids, so each vocabulary token's experts are
+    computed once: layer ``l``'s router applied to the token's embedding, scaled by the
+    layer's MoE input norm weight (the RMS scale does not change a top-k). Exact for what a
+    token alone would route to at the first MoE layer; deeper layers drift as attention mixes
+    the tokens (``benchmarks/token_scheduling.py`` reports the precision). Image placeholders
+    carry no content here: the scheduler leaves their positions out and predicts them from the
+    routing of earlier requests with the same image.
+
+    ``token_experts: [vocab, moe_layers, top_k]`` int, global expert ids.
+    """
+
+    def __init__(self, token_experts: np.ndarray, num_experts: int) -> None:
+        token_experts = np.asarray(token_experts)
+        if token_experts.ndim != 3 or not np.issubdtype(token_experts.dtype, np.integer):
+            raise ValueError(
+                f"token_experts must be int [vocab, moe_layers, top_k], got {token_experts.dtype} "
+                f"{list(token_experts.shape)}"
+            )
+        if token_experts.size and not 0 <= int(token_experts.min()) <= int(token_experts.max()) < num_experts:
+            raise ValueError(f"token_experts holds ids outside 0..{num_experts - 1}")
+        self.token_experts = token_experts
+        self.num_experts = num_experts
+
+    @property
+    def vocab_size(self) -> int:
+        return self.token_experts.shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.token_experts.shape[1]
+
+    @classmethod
+    def from_weights(
+        cls,
+        embeddings: torch.Tensor,
+        router_weights: Sequence[torch.Tensor],
+        top_k: int,
+        norm_weights: Sequence[torch.Tensor | None] | None = None,
+        chunk: int = 8192,
+    ) -> PromptRoutingPredictor:
+        """``embeddings: [vocab, H]``; ``router_weights[l]: [E, H]`` (``logits = x @ W.T``);
+        ``norm_weights[l]: [H]``, the elementwise weight of the RMS norm before MoE layer ``l`` (None: ones)."""
+        if not router_weights:
+            raise ValueError("router_weights is empty; give one [num_experts, hidden] gate matrix per MoE layer")
+        num_experts, hidden = router_weights[0].shape
+        if embeddings.ndim != 2 or embeddings.shape[1] != hidden:
+            raise ValueError(f"embeddings must be [vocab, {hidden}], got {tuple(embeddings.shape)}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts} (experts per layer), got {top_k}")
+        norms = list(norm_weights) if norm_weights is not None else [None] * len(router_weights)
+        if len(norms) != len(router_weights):
+            raise ValueError(f"{len(norms)} norm weights for {len(router_weights)} router weights")
+        dtype = np.uint8 if num_experts <= 256 else np.int32
+        table = np.empty((embeddings.shape[0], len(router_weights), top_k), dtype=dtype)
+        with torch.no_grad():
+            for start in range(0, embeddings.shape[0], chunk):
+                rows = embeddings[start : start + chunk].float()
+                for layer, (weight, norm) in enumerate(zip(router_weights, norms, strict=True)):
+                    x = rows if norm is None else rows * norm.float().to(rows.device)
+                    logits = x @ weight.float().to(rows.device).T
+                    picks = torch.topk(logits, top_k, dim=-1).indices
+                    table[start : start + chunk, layer] = picks.cpu().numpy().astype(dtype)
+        return cls(table, num_experts)
+
+    def predict(self, token_ids: Sequence[int] | np.ndarray):
+        """The union of the tokens' experts per layer (``ExpertSignature``); ids outside the vocabulary are skipped."""
+        from vllm_expertflow.core.grouping import ExpertSignature
+
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        ids = np.unique(ids[(ids >= 0) & (ids < self.vocab_size)])
+        picks = self.token_experts[ids].transpose(1, 0, 2).reshape(self.num_layers, -1)  # [L, tokens * K]
+        mask = np.zeros((self.num_layers, self.num_experts), dtype=np.bool_)
+        if picks.size:
+            np.put_along_axis(mask, picks.astype(np.int64), True, axis=1)
+        return ExpertSignature.from_mask(mask)
+
+
+def signature_precision_recall(predicted, actual) -> tuple[float, float]:
+    """How well a predicted expert set matched the used one, pooled over layers: ``(precision, recall)``.
+
+    Both are ``ExpertSignature`` s of one shape; an empty prediction has precision 1 (it claimed
+    nothing wrong) and recall 0 unless nothing was used.
+    """
+    from vllm_expertflow.core.grouping import ExpertSignature
+
+    hit = int(ExpertSignature(predicted.words & actual.words, actual.num_experts).layer_counts().sum())
+    claimed = int(predicted.layer_counts().sum())
+    used = int(actual.layer_counts().sum())
+    return (hit / claimed if claimed else 1.0), (hit / used if used else 1.0)
+
+
 PREDICTORS: dict[str, type[StepPredictor]] = {
     cls.name: cls for cls in (FrequencyPredictor, HistoryPredictor, RoutingPathPredictor)
 }

@@ -15,8 +15,19 @@ from vllm_expertflow.config import EXPERTFLOW_POLICY, ExpertOffloadConfig, Exper
 from vllm_expertflow.core import ExpertSlotCache, ExpertStore, make_policy
 from vllm_expertflow.core.expert_pool import ExpertPool, PooledLayerCache
 from vllm_expertflow.core.miss_policies import NEEDS_ROUTER_SCORES
-from vllm_expertflow.core.predictors import LookaheadPredictor, RoutingPathPredictor, step_demand
-from vllm_expertflow.vllm_adapter.routing import RESIDENT_ATTR, SIGNATURES_ATTR, first_positions
+from vllm_expertflow.core.predictors import (
+    LookaheadPredictor,
+    PromptRoutingPredictor,
+    RoutingPathPredictor,
+    step_demand,
+)
+from vllm_expertflow.vllm_adapter.routing import (
+    IMAGE_SIGNATURES_ATTR,
+    PROMPT_TABLE_ATTR,
+    RESIDENT_ATTR,
+    SIGNATURES_ATTR,
+    first_positions,
+)
 from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_being_built, group_of_worker
 from vllm_expertflow.vllm_adapter.vllm_api import (
     RoutedExperts,
@@ -25,11 +36,15 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
     init_logger,
     install_router_logits_capture,
     install_worker_step_hooks,
+    moe_input_norm_weights,
     moe_kernel_apply,
     moe_router_weights,
+    request_image_spans,
     step_finished_requests,
     step_token_counts,
     step_total_tokens,
+    vocabulary_embeddings,
+    worker_additional_config,
     worker_model,
 )
 
@@ -206,9 +221,14 @@ class OffloadedRoutedExperts(RoutedExperts):
 def model_loaded(worker) -> None:
     """Set up the prefetch predictors once the model (and its routers) is loaded, before any request."""
     group = group_of_worker(worker)
+    offload = group.offload if group is not None else ExpertOffloadConfig.from_serialized(
+        worker_additional_config(worker))
+    if offload.enabled:
+        check_every_moe_layer_offloaded(worker_model(worker))
     if group is None or not group.caches:
         return
-    offload = group.offload
+    if group.scheduler_wants_signatures:
+        group.prompt_table = _prompt_table(worker, group)
     if offload.prefetch == "lookahead":
         weights = moe_router_weights(worker_model(worker), OffloadedRoutedExperts)
         missing = [name for name in group.layer_names if name not in weights]
@@ -221,6 +241,50 @@ def model_loaded(worker) -> None:
     elif offload.prefetch == "predictor":
         # The front end checked this file against the model (startup.check_predictor).
         group.predictor = RoutingPathPredictor.load(offload.predictor_path)
+
+
+def check_every_moe_layer_offloaded(model) -> None:
+    """Never serve silently without offload: every fused-MoE layer of the model must run on an expert cache.
+
+    The front end refuses what it can recognise from the HF config (startup.check_model); this
+    catches a model whose MoE layers vLLM builds some other way.
+    """
+    resident = [
+        getattr(module, "layer_name", name) for name, module in model.named_modules()
+        if isinstance(module, RoutedExperts)
+        and not (isinstance(module, OffloadedRoutedExperts) and module.expert_cache is not None)
+    ]
+    if resident:
+        raise ExpertOffloadConfigError(
+            f"expert offload is enabled but {len(resident)} MoE layer(s) would stay fully resident, because vLLM "
+            f"built them without the offloaded expert layer: {resident[:4]}. Serve this model without "
+            f"--enable-expert-offload"
+        )
+
+
+def _prompt_table(worker, group: ExpertCacheGroup) -> tuple[np.ndarray, int] | None:
+    """Each vocabulary token's experts per MoE layer, for the scheduler's predictions of new requests.
+
+    Without a router or an embedding to read, the scheduler falls back to its prefix guess.
+    """
+    model = worker_model(worker)
+    routers = moe_router_weights(model, OffloadedRoutedExperts)
+    if any(name not in routers for name in group.layer_names):
+        logger.warning("expert-aware scheduling: not every MoE layer's router was found; new requests are "
+                       "predicted from earlier ones with the same prompt prefix only")
+        return None
+    norms = moe_input_norm_weights(model, OffloadedRoutedExperts)
+    try:
+        embeddings = vocabulary_embeddings(model, worker.vllm_config.model_config.get_vocab_size())
+    except (AttributeError, NotImplementedError, TypeError) as exc:
+        logger.warning("expert-aware scheduling: no token embeddings (%s); new requests are predicted from "
+                       "earlier ones with the same prompt prefix only", exc)
+        return None
+    predictor = PromptRoutingPredictor.from_weights(
+        embeddings, [routers[name] for name in group.layer_names], group.top_k,
+        norm_weights=[norms.get(name) for name in group.layer_names],
+    )
+    return predictor.token_experts, predictor.num_experts
 
 
 def begin_worker_step(worker, scheduler_output) -> None:
@@ -269,12 +333,19 @@ def end_worker_step(worker, scheduler_output, req_ids: list[str]) -> dict | None
     group.step_tokens = None
     if group.recorder is None:
         return None
-    signatures = group.recorder.end_step(scheduler_output, req_ids)
+    image_spans = None
+    if group.scheduler_wants_signatures:  # images run in prefill chunks, several tokens at once
+        counts = scheduler_output.num_scheduled_tokens
+        image_spans = {r: spans for r, n in counts.items() if n > 1 and (spans := request_image_spans(worker, r))}
+    signatures = group.recorder.end_step(scheduler_output, req_ids, image_spans)
     if group.predictor is not None and group.recorder.last_step is not None:
         group.predictor.observe(*group.recorder.last_step)
-    if not signatures:
+    if not signatures or not group.scheduler_wants_signatures:
         return None
-    extra: dict = {SIGNATURES_ATTR: signatures}
-    if group.scheduler_wants_signatures:
-        extra[RESIDENT_ATTR] = group.resident_signature()
+    extra: dict = {SIGNATURES_ATTR: signatures, RESIDENT_ATTR: group.resident_signature()}
+    if group.recorder.last_image_signatures:
+        extra[IMAGE_SIGNATURES_ATTR] = group.recorder.last_image_signatures
+    if group.prompt_table is not None and not group.prompt_table_sent:
+        extra[PROMPT_TABLE_ATTR] = group.prompt_table
+        group.prompt_table_sent = True
     return extra

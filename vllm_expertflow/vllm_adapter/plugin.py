@@ -26,6 +26,7 @@ def register() -> None:
         release_worker_group,
         worker_cache_stats,
         worker_flush_trace,
+        worker_step_records,
     )
 
     vllm_api.quiet_repeated_cpu_thread_warning()
@@ -33,6 +34,7 @@ def register() -> None:
         vllm_api.register_oot_layers(OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod)
     vllm_api.WorkerBase.expertflow_cache_stats = worker_cache_stats
     vllm_api.WorkerBase.expertflow_flush_trace = worker_flush_trace
+    vllm_api.WorkerBase.expertflow_step_records = worker_step_records
     # Before any worker loads a model: the offloaded layers are built inside load_model, too late
     # to wrap it for that engine. With offload off no group is made and the layers run plain.
     vllm_api.install_model_load_hooks(building_model, model_loaded, release_worker_group)

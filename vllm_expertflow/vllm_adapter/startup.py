@@ -37,6 +37,11 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
+# HF model types whose experts carry tensors the slots do not hold yet (refused at startup, before loading).
+UNSUPPORTED_EXPERT_LAYOUTS = {
+    "gpt_oss": "per-expert biases (gate_up_proj_bias, down_proj_bias) and a clamped SwiGLU activation",
+}
+
 # argparse dest -> expert_offload key
 CLI_KEYS = {
     "enable_expert_offload": "enabled",
@@ -170,6 +175,20 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
         raise ExpertOffloadConfigError(
             "expert offload does not support expert parallelism yet (--enable-expert-parallel is set); "
             "drop --enable-expert-parallel or --enable-expert-offload"
+        )
+    if shape.model_type in UNSUPPORTED_EXPERT_LAYOUTS:
+        raise ExpertOffloadConfigError(
+            f"expert offload does not support {shape.name} (model_type {shape.model_type!r}) yet: its experts have "
+            f"{UNSUPPORTED_EXPERT_LAYOUTS[shape.model_type]}, which the expert slots do not hold. Serve it without "
+            f"--enable-expert-offload"
+        )
+    if offload.scheduling == "expertflow" and shape.mla_on_cpu:
+        logger.warning(
+            "expert scheduling 'expertflow' changes which requests share an engine step, and %s uses MLA "
+            "attention, whose vLLM-CPU rotary kernel gives a request's rows different values in different "
+            "batches: greedy output can then differ from plain vLLM's (as it does between two max_num_seqs "
+            "settings). --expert-scheduling fcfs keeps vLLM's step composition and token identity",
+            shape.name,
         )
     if offload.cache_slots is not None and offload.cache_slots > num_experts:
         logger.warning(

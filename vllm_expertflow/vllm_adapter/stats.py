@@ -60,6 +60,9 @@ class ExpertCacheGroup:
         self.lookahead: LookaheadPredictor | None = None  # prefetch lookahead, set once the model is loaded
         self.predictor: RoutingPathPredictor | None = None  # prefetch predictor, set once the model is loaded
         self.step_tokens: int | None = None  # tokens of the running engine step (None outside one)
+        # For the scheduler's prompt predictions: (token_experts [vocab, L, K], num_experts), sent once.
+        self.prompt_table: tuple[np.ndarray, int] | None = None
+        self.prompt_table_sent = False
         self._writer: _SnapshotWriter | None = None
         self._size_checked = False
 
@@ -97,8 +100,8 @@ class ExpertCacheGroup:
         self.top_k = top_k
         if len(self.caches) == self.num_layers:
             logger.info("%s", self.summary_line())
-            # Routing is only collected for someone who reads it: a trace, or the expert-aware scheduler.
-            if self.trace_dir or self.scheduler_wants_signatures or self.prefetch == "predictor":
+            # Always: every step's composition (tokens, distinct experts per layer) is a statistic.
+            if self.recorder is None:
                 self.recorder = RoutingRecorder(
                     self.layer_names, cache.store.num_experts, top_k, self.trace_dir, cache.store.bytes_per_expert
                 )
@@ -186,6 +189,52 @@ def worker_cache_stats(worker: Any) -> dict[str, Any] | None:
     """Installed as ``WorkerBase.expertflow_cache_stats``; runs in the worker process."""
     group = group_of_worker(worker)
     return group.stats() if group is not None else None
+
+
+def worker_step_records(worker: Any) -> list[dict[str, Any]] | None:
+    """Installed as ``WorkerBase.expertflow_step_records``: one dict per engine step (``RoutingRecorder``)."""
+    group = group_of_worker(worker)
+    if group is None or group.recorder is None:
+        return None
+    return list(group.recorder.step_records)
+
+
+def get_step_records(llm: Any) -> list[dict[str, Any]]:
+    """Per engine step of an offline ``vllm.LLM`` with offload on: ``tokens``, ``requests``,
+    ``prefill_requests``, ``distinct_experts`` (per MoE layer), and how the scheduler composed it:
+    ``changed`` (not what FCFS would have run), ``held`` (running requests left out),
+    ``fcfs_fallback`` (left as FCFS because a prefill alone overflows the slots).
+
+    Every tensor-parallel rank sees the same steps; the first rank's records are returned.
+    """
+    per_worker = llm.collective_rpc("expertflow_step_records")
+    records = next((r for r in per_worker if r is not None), None)
+    if records is None:
+        raise RuntimeError("this LLM has no expert cache, so no step records: enable expert offload")
+    return records
+
+
+def summarize_step_records(records: list[dict[str, Any]], slots: int | None = None) -> dict[str, Any]:
+    """Totals for a table row: steps, changed and fallback fractions, mean tokens and distinct experts per layer.
+
+    ``slots``: per layer; then also the share of steps whose mean distinct experts per layer exceeds them.
+    """
+    steps = len(records)
+    if not steps:
+        return {"steps": 0}
+    distinct = np.array([np.mean(r["distinct_experts"]) for r in records])
+    summary = {
+        "steps": steps,
+        "changed_steps": sum(r["changed"] for r in records),
+        "changed_fraction": sum(r["changed"] for r in records) / steps,
+        "fcfs_fallback_steps": sum(r["fcfs_fallback"] for r in records),
+        "tokens_per_step": float(np.mean([r["tokens"] for r in records])),
+        "distinct_experts_per_layer": float(distinct.mean()),
+        "steps_with_prefill": sum(r["prefill_requests"] > 0 for r in records),
+    }
+    if slots is not None:
+        summary["steps_over_slots"] = int((distinct > slots).sum())
+    return summary
 
 
 def worker_flush_trace(worker: Any) -> bool:

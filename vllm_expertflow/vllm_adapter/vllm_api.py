@@ -134,6 +134,8 @@ class MoEModelShape:
     text_config: object  # the HF text config (transformers), for the MoE layer layout
     dtype_bytes: int
     quantization: str | None
+    model_type: str | None  # the HF text config's model_type
+    mla_on_cpu: bool  # MLA attention on vLLM-CPU (its rotary kernel is batch-variant)
 
 
 def moe_model_shape(vllm_config) -> MoEModelShape:
@@ -147,6 +149,9 @@ def moe_model_shape(vllm_config) -> MoEModelShape:
         text_config=model_config.hf_text_config,
         dtype_bytes=model_config.dtype.itemsize,
         quantization=model_config.quantization,
+        model_type=getattr(model_config.hf_text_config, "model_type", None),
+        mla_on_cpu=getattr(vllm_config.device_config.device, "type", None) == "cpu"
+        and bool(getattr(model_config, "use_mla", False)),
     )
 
 
@@ -505,6 +510,62 @@ def moe_router_weights(model, routed_experts_cls: type) -> dict[str, object]:
         logits = logits[0] if isinstance(logits, tuple) else logits
         found[routed.layer_name] = logits.T.float().contiguous()
     return found
+
+
+def moe_input_norm_weights(model, routed_experts_cls: type) -> dict[str, object]:
+    """``layer_name -> [hidden]`` elementwise weight of the RMS norm in front of each MoE block.
+
+    vLLM's decoder layers hold the MoE block as ``.mlp`` beside ``.post_attention_layernorm``
+    (Qwen2/3-MoE, Qwen3-VL-MoE, Mixtral); a layer laid out otherwise is left out.
+    """
+    found: dict[str, object] = {}
+    for module in model.modules():
+        mlp, norm = getattr(module, "mlp", None), getattr(module, "post_attention_layernorm", None)
+        experts = getattr(mlp, "experts", None)
+        routed = experts if isinstance(experts, routed_experts_cls) else getattr(experts, "routed_experts", None)
+        weight = getattr(norm, "weight", None)
+        if isinstance(routed, routed_experts_cls) and weight is not None and weight.ndim == 1:
+            found[routed.layer_name] = weight.detach().float()
+    return found
+
+
+def vocabulary_embeddings(model, vocab_size: int, chunk: int = 8192):
+    """``[vocab_size, hidden]`` float32 on the host: the model's input embedding of every token id.
+
+    ``embed_input_ids`` with token ids only gives the text embeddings (image placeholders
+    get their placeholder row), for text and multimodal models alike.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    rows = []
+    with torch.no_grad():
+        for start in range(0, vocab_size, chunk):
+            ids = torch.arange(start, min(start + chunk, vocab_size), device=device)
+            rows.append(model.embed_input_ids(ids).float().cpu())
+    return torch.cat(rows)
+
+
+def request_image_spans(worker, request_id: str) -> list[tuple[str, int, int]]:
+    """``(identifier, offset, length)`` of each image in a request the worker holds ([] if none).
+
+    The identifier is vLLM's multimodal hash: the same picture in two requests has the same one.
+    """
+    state = worker.model_runner.requests.get(request_id)
+    if state is None:
+        return []
+    return [
+        (feature.identifier, feature.mm_position.offset, feature.mm_position.length)
+        for feature in (state.mm_features or []) if feature.modality == "image"
+    ]
+
+
+def prompt_image_spans(request) -> list[tuple[str, int, int]]:
+    """``(identifier, offset, length)`` of each image in a scheduler-side ``Request``."""
+    return [
+        (feature.identifier, feature.mm_position.offset, feature.mm_position.length)
+        for feature in (request.mm_features or []) if feature.modality == "image"
+    ]
 
 
 def shield_kernel_rebinding_from_llvmlite() -> None:
