@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -120,7 +121,7 @@ def test_lm_eval_scores_equal_the_sweep_scores(random_vlm, tmp_path):
     limit = 3
     out = tmp_path / "sweep"
     proc = subprocess.run([sys.executable, "-m", "vllm_expertflow.eval.sweep", "--model", str(random_vlm), "--out",
-                           str(out), "--limit", str(limit), "--capacities", "", "--no-plots"],
+                           str(out), "--limit", str(limit), "--regimes", "direct", "--capacities", "", "--no-plots"],
                           cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-5000:]
     [vqa_file] = (out / "data").glob("*.parquet")
@@ -142,17 +143,18 @@ def test_lm_eval_scores_equal_the_sweep_scores(random_vlm, tmp_path):
     [results_file] = list(results_dir.rglob("results_*.json"))
     results = json.loads(results_file.read_text())["results"]
 
-    rows = {r["cell"]: r for r in sweep.aggregate(out, [], 8, 2)}
-    base = rows["baseline"]
+    with open(out / "cells.csv") as f:
+        rows = {r["cell"]: r for r in csv.DictReader(f)}
+    base = {k: float(v) for k, v in rows["direct-off"].items() if k.endswith("_acc")}
     assert results["vqav2_local"]["vqav2_accuracy,none"] == pytest.approx(base["vqav2_acc"])
     assert results["mmbench_local"]["mmbench_circular_accuracy,none"] == pytest.approx(base["mmbench_circular_acc"])
     assert results["mmbench_local"]["mmbench_row_accuracy,none"] == pytest.approx(base["mmbench_row_acc"])
 
     # Stronger than equal scores (a random model scores ~0): the same answer to every item.
     sweep_vqa = {json.loads(x)["question_id"]: json.loads(x)["prediction"]
-                 for x in (out / "cells" / "baseline" / "vqav2.jsonl").read_text().splitlines()}
+                 for x in (out / "cells" / "direct-off" / "vqav2.jsonl").read_text().splitlines()}
     sweep_mmb = {json.loads(x)["index"]: json.loads(x)["prediction"]
-                 for x in (out / "cells" / "baseline" / "mmbench.jsonl").read_text().splitlines()}
+                 for x in (out / "cells" / "direct-off" / "mmbench.jsonl").read_text().splitlines()}
     lm_vqa = {s["doc"]["question_id"]: s["resps"][0][0] for s in _samples(results_dir, "vqav2_local")}
     lm_mmb = {s["doc"]["index"]: s["resps"][0][0] for s in _samples(results_dir, "mmbench_local")}
     assert len(lm_vqa) == limit and len(lm_mmb) == 4 * limit

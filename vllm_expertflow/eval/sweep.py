@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from vllm_expertflow.eval import mmbench, prompts, vqav2
+from vllm_expertflow.eval.plots import num as _number
 from vllm_expertflow.eval.stats import mcnemar_exact_p, paired_bootstrap_ci
 
 REPO = Path(__file__).resolve().parents[2]
@@ -861,7 +862,7 @@ def _fmt(v: Any, pct: bool = False, digits: int = 3) -> str:
 
 def fmt_ci(row: dict[str, Any], key: str) -> str:
     """``+1.2 [-0.3, +2.8]`` in points, ``*`` when the interval excludes zero."""
-    diff, lo, hi = (_num(row.get(k)) for k in (key, f"{key}_lo", f"{key}_hi"))
+    diff, lo, hi = (_number(row.get(k)) for k in (key, f"{key}_lo", f"{key}_hi"))
     if diff is None:
         return "-"
     mark = "*" if lo is not None and hi is not None and (lo > 0 or hi < 0) else ""
@@ -878,11 +879,11 @@ def _setting(r: dict[str, Any]) -> str:
         return "offload off"
     if kind == "control":
         return f"offload off, max_num_seqs={r.get('max_num_seqs')}"
-    slots = _fmt(_num(r.get("slots")))
-    head = f"{r.get('budget_mode')}, {slots} slots ({_fmt(_num(r.get('capacity_pct')), digits=3)}%)"
+    slots = _fmt(_number(r.get("slots")))
+    head = f"{r.get('budget_mode')}, {slots} slots ({_fmt(_number(r.get('capacity_pct')), digits=3)}%)"
     if kind == "budget":
-        head = (f"budget {_fmt(_num(r.get('memory_budget_pct')))}% x {_fmt(_num(r.get('expert_share')))} experts: "
-                f"{slots} slots + {_fmt(_num(r.get('kv_blocks')))} KV blocks")
+        head = (f"budget {_fmt(_number(r.get('memory_budget_pct')))}% x {_fmt(_number(r.get('expert_share')))} experts: "
+                f"{slots} slots + {_fmt(_number(r.get('kv_blocks')))} KV blocks")
     return f"{head}, {r.get('scheduling')}, {r.get('miss_policy')}"
 
 
@@ -909,15 +910,6 @@ def markdown_tables(rows: Iterable[dict[str, Any]]) -> str:
                 _fmt(r.get("tokens_per_s")), tpot]) + " |")
         out.append("")
     return "\n".join(out)
-
-
-def _num(v: Any) -> float | None:
-    if v in (None, ""):
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
 
 
 
