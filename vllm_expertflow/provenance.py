@@ -15,12 +15,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+# Outputs, not code: a run that rewrites an earlier result has not changed what it measures.
+RESULTS_PATHS = ("benchmarks/results", "docs/results", "docs/RESULTS.md", "docs/RESULTS_memory_budget.md")
+
+
 def git_commit() -> str:
-    """The checked-out commit, with ``+dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    """The checked-out commit, with ``+dirty`` when tracked files other than results differ from it;
+    ``unknown`` outside git."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){path}" for path in RESULTS_PATHS)], cwd=REPO,
                                capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
