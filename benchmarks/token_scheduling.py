@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from vllm_expertflow.provenance import provenance, results_header  # noqa: E402
+from vllm_expertflow.provenance import git_commit, machine_load, provenance, results_header  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -511,7 +511,8 @@ def main() -> int:
                         help=f"cache policies each live run's trace is replayed with, of {list(REPLAY_POLICIES)}")
     parser.add_argument("--no-core-replay", action="store_true", help="skip the core replay on clustered routing")
     parser.add_argument("--setting", help=argparse.SUPPRESS)  # internal: run one setting, print JSON
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "token_scheduling"))
+    parser.add_argument("--out", help="results path without extension (default: benchmarks/results/"
+                        "token_scheduling, with _WORKLOAD appended for workloads other than mixed)")
     args = parser.parse_args()
     unknown = [p for p in args.replay_policies.split(",") if p not in REPLAY_POLICIES]
     if unknown:
@@ -525,38 +526,35 @@ def main() -> int:
         print("RESULT " + json.dumps(run_setting(args, json.loads(args.setting))))
         return 0
 
-    out = Path(args.out)
+    default_out = REPO / "benchmarks" / "results" / "token_scheduling"
+    out = Path(args.out) if args.out else default_out
     out.parent.mkdir(parents=True, exist_ok=True)
     args.command = " ".join(["python", "benchmarks/token_scheduling.py", *sys.argv[1:]])
-    args.commit = _git_commit()
+    args.commit = git_commit()
     if not args.replay_only:
         args.model = resolve_model(args.model)
-        run_live(args, out if args.workload == "mixed" else out.with_name(f"{out.name}_{args.workload}"))
+        live_out = out if args.out or args.workload == "mixed" else out.with_name(f"{out.name}_{args.workload}")
+        run_live(args, live_out)
     if args.no_core_replay or (args.workload != "mixed" and not args.replay_only):
         return 0  # the core replay belongs to the default run
     replay_rows = replay_clustered(args)
     replay = replay_table(args, replay_rows)
     print(replay)
     replay_out = out.with_name(out.name + "_replay")
-    replay_out.with_suffix(".md").write_text(results_header() + "\n\n" + replay + "\n")
-    replay_out.with_suffix(".json").write_text(
+    with_extension(replay_out, ".md").write_text(results_header() + "\n\n" + replay + "\n")
+    with_extension(replay_out, ".json").write_text(
         json.dumps({"provenance": provenance(), "args": vars(args), "rows": replay_rows}, indent=1))
     return 0
 
 
-def _git_commit() -> str:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
-    return commit + (" (with uncommitted changes)" if dirty else "")
+def with_extension(out: Path, extension: str) -> Path:
+    """``out`` plus an extension; not ``with_suffix``, which would cut ``_min_fraction_0.25`` at its dot."""
+    return out.with_name(out.name + extension)
 
 
 def _machine_load() -> str:
-    one, five, _ = os.getloadavg()
-    return f"load average {one:.2f} (1 min) / {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+    load = machine_load()
+    return f"load average {load['load_1m']:.2f} (1 min) / {load['load_5m']:.2f} (5 min) on {load['cpus']} CPUs"
 
 
 def run_live(args, out: Path) -> None:
@@ -577,8 +575,8 @@ def run_live(args, out: Path) -> None:
     sections.insert(0, f"{results_header()} Load before the run: {load_before}; {elapsed_s:.0f} s in all.")
     if args.workload in PROMPT_STYLES:
         sections.append(composition_table(all_rows))
-    out.with_suffix(".md").write_text("\n\n".join(sections) + "\n")
-    out.with_suffix(".json").write_text(json.dumps(
+    with_extension(out, ".md").write_text("\n\n".join(sections) + "\n")
+    with_extension(out, ".json").write_text(json.dumps(
         {"provenance": {**provenance(), "load_before": load_before, "elapsed_s": elapsed_s}, "args": vars(args),
          "rows": all_rows}, indent=1))
 
