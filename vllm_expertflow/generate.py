@@ -156,6 +156,7 @@ def _subtract(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
         {"layer": a["layer"], "slots": a["slots"], **{k: a[k] - b[k] for k in TOTAL_KEYS}}
         for a, b in zip(after["layers"], before["layers"], strict=True)
     ]
+    out["memory"] = after.get("memory")  # bytes held, not counted: the engine's, not the batch's
     return out
 
 

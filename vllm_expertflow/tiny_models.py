@@ -179,10 +179,25 @@ def _config(shape: str, vocab_size: int):
             moe_num_shared_experts=1, moe_layer_start_index=1, moe_layer_end_index=3, moe_layer_interval=1,
         )
     if shape == "gpt_oss":
-        # Expert biases and a clamped SwiGLU: offload refuses it at startup (see startup.check_model).
+        # Expert biases and a clamped SwiGLU: a slot holds the biases with the weights.
         return GptOssConfig(**common, head_dim=32, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
                             layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=128)
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
+
+
+# GPT-OSS expert biases (transformers initialises them to zero): gate/up biases of this spread push
+# about 1-2% of the SwiGLU inputs past the clamp (limit 7), so both the biases and the clamp act.
+EXPERT_GATE_UP_BIAS_STD = 3.0
+EXPERT_DOWN_BIAS_STD = 0.5
+
+
+def _randomize_expert_biases(model: torch.nn.Module, generator: torch.Generator) -> None:
+    for name, param in model.named_parameters():
+        std = (EXPERT_GATE_UP_BIAS_STD if name.endswith("experts.gate_up_proj_bias")
+               else EXPERT_DOWN_BIAS_STD if name.endswith("experts.down_proj_bias") else None)
+        if std is not None:
+            with torch.no_grad():
+                param.copy_(torch.randn(param.shape, generator=generator) * std)
 
 
 def _skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
@@ -273,6 +288,8 @@ def build_tiny_moe(shape: str, out_dir: str | os.PathLike, *, seed: int = 0, dty
     if shape == "qwen3_moe_topics":  # a changed planting must not reuse an old build
         recipe["planting"] = [TOPIC_COUNT, TOPIC_EMBED_WEIGHT, TOPIC_ROUTER_WEIGHT, TOPIC_LM_HEAD_WEIGHT,
                               TOPIC_LM_HEAD_SELF, TOPIC_ROUTER_SCALE]
+    if shape == "gpt_oss":
+        recipe["expert_bias_std"] = [EXPERT_GATE_UP_BIAS_STD, EXPERT_DOWN_BIAS_STD]
     if marker.exists() and json.loads(marker.read_text()) == recipe:
         return out
     tokenizer = build_tokenizer()
@@ -284,6 +301,8 @@ def build_tiny_moe(shape: str, out_dir: str | os.PathLike, *, seed: int = 0, dty
         _plant_topics(model, tokenizer, generator, seed)
     else:
         _skew_routers(model, generator)
+    if shape == "gpt_oss":
+        _randomize_expert_biases(model, generator)
     model.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)

@@ -70,8 +70,7 @@ ARCHITECTURES = [
     Architecture("ernie45_moe", "Ernie4_5_MoeForCausalLM", "baidu/ERNIE-4.5-21B-A3B-PT", "text",
                  "softmax top-k, renormalised, MoE from layer 1", "1", 16, 2),
     Architecture("gpt_oss", "GptOssForCausalLM", "openai/gpt-oss-20b", "text",
-                 "softmax over the top-k logits, router bias", "none", 8, 2,
-                 expect_refusal="per-expert biases"),
+                 "softmax over the top-k logits, router bias; expert biases, clamped SwiGLU", "none", 8, 2),
 ]
 
 

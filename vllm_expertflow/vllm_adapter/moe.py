@@ -32,6 +32,7 @@ from vllm_expertflow.vllm_adapter.stats import ExpertCacheGroup, group_being_bui
 from vllm_expertflow.vllm_adapter.vllm_api import (
     RoutedExperts,
     UnquantizedFusedMoEMethod,
+    expert_bias_names,
     get_current_vllm_config,
     init_logger,
     install_router_logits_capture,
@@ -91,11 +92,6 @@ class OffloadedRoutedExperts(RoutedExperts):
                 f"{type(self.quant_method).__name__}. Serve an unquantized (bf16/fp16/fp32) checkpoint or "
                 f"disable --enable-expert-offload"
             )
-        if self.moe_config.has_bias:
-            raise ExpertOffloadConfigError(
-                f"expert offload does not support MoE expert biases yet (layer {self.layer_name}); "
-                f"disable --enable-expert-offload for this model"
-            )
         if self.local_num_experts != self.global_num_experts:
             raise ExpertOffloadConfigError(
                 f"expert offload does not support expert parallelism yet ({self.local_num_experts} local of "
@@ -116,9 +112,12 @@ class OffloadedRoutedExperts(RoutedExperts):
     def build_expert_cache(self) -> None:
         """Move the experts into a host store and give the layer its slots (after loading)."""
         on_cuda = self._device.type == "cuda"
-        store = ExpertStore([self.w13_weight.data, self.w2_weight.data], pin_memory=on_cuda)
+        # A slot holds all of an expert's tensors: its weights and, where the model has them, its biases.
+        params = [getattr(self, name) for name in ("w13_weight", "w2_weight", *expert_bias_names(self))]
+        store = ExpertStore([param.data for param in params], pin_memory=on_cuda)
         # The parameters now point at the store's (pinned) tensors: one host copy, not two.
-        self.w13_weight.data, self.w2_weight.data = store.weights
+        for param, stored in zip(params, store.weights, strict=True):
+            param.data = stored
         num_slots = self.offload.slots_per_layer  # planned once by the front end (startup.plan_slots_per_layer)
         self._group.check_planned_size(store.bytes_per_expert)
         self._layer_index = self._group.layer_names.index(self.layer_name)
@@ -167,7 +166,7 @@ class OffloadedRoutedExperts(RoutedExperts):
             pending_shared[0] = pending_shared[1] = None
             out = moe_kernel_apply(
                 self, hidden_states, slot_weights[0], slot_weights[1], weights, slot_ids, cache.num_slots,
-                shared, shared_input,
+                shared, shared_input, biases=slot_weights[2:],
             )
             if not isinstance(out, torch.Tensor):
                 raise NotImplementedError(
@@ -216,6 +215,13 @@ class OffloadedRoutedExperts(RoutedExperts):
             next_cache.prefetch(experts, protected=running, demand=demand)
         else:
             next_cache.prefetch(experts)
+
+
+def offloaded_subclass(model_routed_experts: type) -> type:
+    """The offloaded layer for a model's own ``RoutedExperts`` subclass, keeping that subclass's weight loading."""
+    assert issubclass(model_routed_experts, RoutedExperts)
+    return type(f"Offloaded{model_routed_experts.__name__}", (OffloadedRoutedExperts, model_routed_experts),
+                {"__module__": __name__, "__doc__": offloaded_subclass.__doc__})
 
 
 def model_loaded(worker) -> None:

@@ -20,6 +20,7 @@ def register() -> None:
         OffloadedRoutedExperts,
         OffloadedUnquantizedFusedMoEMethod,
         model_loaded,
+        offloaded_subclass,
     )
     from vllm_expertflow.vllm_adapter.stats import (
         building_model,
@@ -31,7 +32,9 @@ def register() -> None:
 
     vllm_api.quiet_repeated_cpu_thread_warning()
     if not vllm_api.is_oot_registered("RoutedExperts"):
-        vllm_api.register_oot_layers(OffloadedRoutedExperts, OffloadedUnquantizedFusedMoEMethod)
+        routed = {vllm_api.RoutedExperts: OffloadedRoutedExperts}
+        routed.update({model_cls: offloaded_subclass(model_cls) for model_cls in vllm_api.model_routed_experts_classes()})
+        vllm_api.register_oot_layers(routed, OffloadedUnquantizedFusedMoEMethod)
     vllm_api.WorkerBase.expertflow_cache_stats = worker_cache_stats
     vllm_api.WorkerBase.expertflow_flush_trace = worker_flush_trace
     vllm_api.WorkerBase.expertflow_step_records = worker_step_records

@@ -37,10 +37,8 @@ from vllm_expertflow.vllm_adapter.vllm_api import (
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so vLLM's log config applies
 
-# HF model types whose experts carry tensors the slots do not hold yet (refused at startup, before loading).
-UNSUPPORTED_EXPERT_LAYOUTS = {
-    "gpt_oss": "per-expert biases (gate_up_proj_bias, down_proj_bias) and a clamped SwiGLU activation",
-}
+# HF model types whose experts carry biases (gate/up [2I] and down [H]); a slot holds them with the weights.
+EXPERT_BIAS_MODEL_TYPES = ("gpt_oss",)
 
 # argparse dest -> expert_offload key
 CLI_KEYS = {
@@ -176,12 +174,6 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             "expert offload does not support expert parallelism yet (--enable-expert-parallel is set); "
             "drop --enable-expert-parallel or --enable-expert-offload"
         )
-    if shape.model_type in UNSUPPORTED_EXPERT_LAYOUTS:
-        raise ExpertOffloadConfigError(
-            f"expert offload does not support {shape.name} (model_type {shape.model_type!r}) yet: its experts have "
-            f"{UNSUPPORTED_EXPERT_LAYOUTS[shape.model_type]}, which the expert slots do not hold. Serve it without "
-            f"--enable-expert-offload"
-        )
     if offload.scheduling == "expertflow" and shape.mla_on_cpu:
         logger.warning(
             "expert scheduling 'expertflow' changes which requests share an engine step, and %s uses MLA "
@@ -270,11 +262,14 @@ def plan_slots_per_layer(offload: ExpertOffloadConfig, shape: MoEModelShape) -> 
 
 
 def bytes_per_expert(shape: MoEModelShape) -> int:
-    """Host and slot bytes of one expert as the kernel holds it: gate and up ``[I, H]`` plus down ``[H, I]``."""
+    """Host and slot bytes of one expert as the kernel holds it: gate and up ``[I, H]`` plus down ``[H, I]``,
+    and their biases ``[2I]`` and ``[H]`` where the model has them."""
     text_config = shape.text_config
     hidden = text_config.hidden_size
-    intermediate = getattr(text_config, "moe_intermediate_size", None) or text_config.intermediate_size
-    return 3 * hidden * kernel_intermediate_size(intermediate) * shape.dtype_bytes
+    intermediate = kernel_intermediate_size(
+        getattr(text_config, "moe_intermediate_size", None) or text_config.intermediate_size)
+    biases = 2 * intermediate + hidden if shape.model_type in EXPERT_BIAS_MODEL_TYPES else 0
+    return (3 * hidden * intermediate + biases) * shape.dtype_bytes
 
 
 def estimate_num_moe_layers(text_config: Any, num_layers: int) -> int:

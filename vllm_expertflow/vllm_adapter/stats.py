@@ -126,6 +126,22 @@ class ExpertCacheGroup:
             f"{hooks_summary()}"
         )
 
+    def memory(self) -> dict[str, int]:
+        """Expert bytes per tier: the device's slot buffers, the host stores, and the budget the slots were sized by.
+
+        A shared pool's buffers and a store's tensors are counted once. ``budget_bytes`` is
+        ``cache_gb`` when the user gave it, else the slots asked for (cache_slots x MoE layers).
+        """
+        device = {s.data_ptr(): s.numel() * s.element_size() for c in self.caches.values() for s in c.slots}
+        host = {w.data_ptr(): w.numel() * w.element_size() for c in self.caches.values() for w in c.store.weights}
+        all_experts = sum(c.store.num_experts * c.store.bytes_per_expert for c in self.caches.values())
+        if self.offload.cache_gb is not None:
+            budget = int(self.offload.cache_gb * 1024**3)
+        else:
+            budget = sum(self.offload.slots_per_layer * c.store.bytes_per_expert for c in self.caches.values())
+        return {"device_expert_bytes": sum(device.values()), "host_expert_bytes": sum(host.values()),
+                "all_expert_bytes": all_experts, "budget_bytes": budget}
+
     def resident_signature(self) -> ExpertSignature | None:
         """The experts resident in every layer's slots now, in layer order; None before the caches exist."""
         if len(self.caches) != self.num_layers or not self.caches:
@@ -146,7 +162,7 @@ class ExpertCacheGroup:
         totals = {key: sum(layer[key] for layer in layers) for key in TOTAL_KEYS}
         needed = totals["hits"] + totals["misses"]
         totals["hit_rate"] = totals["hits"] / needed if needed else 0.0
-        return {**totals, "layers": layers}
+        return {**totals, "layers": layers, "memory": self.memory()}
 
 
 # The group of the model a worker is loading now; layers built outside a load (none do) run plain.
@@ -248,6 +264,7 @@ def worker_flush_trace(worker: Any) -> bool:
 
 def merge_stats(per_worker: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
     """Sum the stats of several workers (tensor-parallel ranks hold the same layer names)."""
+    per_worker = list(per_worker)
     by_layer: dict[str, dict[str, Any]] = {}
     for stats in per_worker:
         for layer in (stats or {}).get("layers", []):
@@ -258,7 +275,10 @@ def merge_stats(per_worker: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
     totals: dict[str, Any] = {key: sum(layer[key] for layer in layers) for key in TOTAL_KEYS}
     needed = totals["hits"] + totals["misses"]
     totals["hit_rate"] = totals["hits"] / needed if needed else 0.0
-    return {**totals, "layers": layers}
+    # Each worker holds its own slots and stores (tensor-parallel ranks hold a shard each): bytes add up.
+    memories = [stats["memory"] for stats in per_worker if stats and "memory" in stats]
+    memory = {key: sum(m[key] for m in memories) for key in memories[0]} if memories else None
+    return {**totals, "layers": layers, "memory": memory}
 
 
 def get_expert_cache_stats(llm: Any) -> dict[str, Any]:

@@ -214,13 +214,28 @@ def kernel_intermediate_size(intermediate_size: int) -> int:
     return -(-intermediate_size // alignment) * alignment
 
 
-def register_oot_layers(routed_experts_cls: type, unquantized_method_cls: type) -> None:
-    """Install replacements for vLLM's RoutedExperts and UnquantizedFusedMoEMethod.
+def model_routed_experts_classes() -> list[type]:
+    """Models' own ``RoutedExperts`` subclasses that the offloaded layer supports (registered beside it).
 
-    vLLM instantiates the registered subclass wherever the original class is constructed;
-    a second registration of the same name raises, so callers guard against repeats.
+    vLLM replaces a layer class by its registered name, so a model that builds its experts
+    with a subclass (``FusedMoEFactory(routed_experts_cls=...)``) is not reached by the
+    ``RoutedExperts`` registration. GPT-OSS's subclass only loads weights differently
+    (one expert at a time, biases included).
     """
-    RoutedExperts.register_oot(routed_experts_cls)
+    from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
+
+    return [GptOssRoutedExperts]
+
+
+def register_oot_layers(routed_experts_classes: dict[type, type], unquantized_method_cls: type) -> None:
+    """Install replacements for vLLM's RoutedExperts (and the model subclasses given) and UnquantizedFusedMoEMethod.
+
+    ``routed_experts_classes``: vLLM class -> its offloaded subclass. vLLM instantiates the
+    registered subclass wherever the original class is constructed; a second registration of
+    the same name raises, so callers guard against repeats.
+    """
+    for original, replacement in routed_experts_classes.items():
+        original.register_oot(replacement, name=original.__name__)
     UnquantizedFusedMoEMethod.register_oot(unquantized_method_cls)
 
 
@@ -230,31 +245,56 @@ def is_oot_registered(name: str) -> bool:
     return name in op_registry_oot
 
 
+def expert_bias_names(layer: RoutedExperts) -> tuple[str, ...]:
+    """The layer's per-expert bias parameters (``[E, ...]``), in the order ``moe_kernel_apply`` takes them."""
+    return ("w13_bias", "w2_bias") if layer.moe_config.has_bias else ()
+
+
 def moe_kernel_apply(layer: RoutedExperts, hidden_states, w13, w2, topk_weights, topk_ids, num_experts,
-                     shared_experts, shared_experts_input):
+                     shared_experts, shared_experts_input, biases=()):
     """Run the layer's modular MoE kernel on explicit weights (the slot buffers).
 
     The kernel reads the expert count from ``w13.shape[0]`` (CPU) or ``global_num_experts``
     (Triton); both are the slot count here. ``expert_map`` stays None: in vLLM -1 there
     means "another expert-parallel rank" and would silently drop the contribution.
+    ``biases``: the slot buffers of ``expert_bias_names(layer)``. The kernel reads expert
+    biases from its quant config, which holds the layer's bias parameters themselves (as
+    vLLM-CPU's own padding relies on): they point at the slot buffers for this call.
     """
-    if public_hooks()["apply_to_weights"]:
-        return layer.quant_method.apply_to_weights(
-            layer, hidden_states, w13, w2, topk_weights, topk_ids, shared_experts, shared_experts_input
+    with _bias_parameters_bound(layer, biases):
+        if public_hooks()["apply_to_weights"]:
+            return layer.quant_method.apply_to_weights(
+                layer, hidden_states, w13, w2, topk_weights, topk_ids, shared_experts, shared_experts_input
+            )
+        return layer.quant_method.moe_kernel.apply(
+            hidden_states=hidden_states,
+            w1=w13,
+            w2=w2,
+            topk_weights=topk_weights,
+            topk_ids=topk_ids,
+            activation=layer.activation,
+            apply_router_weight_on_input=layer.apply_router_weight_on_input,
+            global_num_experts=num_experts,
+            expert_map=None,
+            shared_experts=shared_experts,
+            shared_experts_input=shared_experts_input,
         )
-    return layer.quant_method.moe_kernel.apply(
-        hidden_states=hidden_states,
-        w1=w13,
-        w2=w2,
-        topk_weights=topk_weights,
-        topk_ids=topk_ids,
-        activation=layer.activation,
-        apply_router_weight_on_input=layer.apply_router_weight_on_input,
-        global_num_experts=num_experts,
-        expert_map=None,
-        shared_experts=shared_experts,
-        shared_experts_input=shared_experts_input,
-    )
+
+
+@contextlib.contextmanager
+def _bias_parameters_bound(layer: RoutedExperts, biases):
+    names = expert_bias_names(layer)
+    if len(biases) != len(names):
+        raise ValueError(f"layer {layer.layer_name} has expert biases {list(names)}; got {len(biases)} bias tensors")
+    params = [getattr(layer, name) for name in names]
+    held = [param.data for param in params]
+    for param, bias in zip(params, biases, strict=True):
+        param.data = bias
+    try:
+        yield
+    finally:
+        for param, data in zip(params, held, strict=True):
+            param.data = data
 
 
 def install_worker_step_hooks(begin_step, end_step) -> None:
