@@ -432,3 +432,150 @@ def build_study_shape_vlm(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
             shutil.copyfile(TOY_VLM / name, out / name)
     marker.write_text(json.dumps(recipe))
     return out
+
+
+# Tiny vision-language MoE checkpoints of the families vLLM serves with images, for the
+# architecture coverage tests. Each writes config, safetensors, a tokenizer with the family's
+# image tokens, a chat template that places the family's image placeholder, and processor files.
+VLM_SHAPES = ("kimi_vl",)
+_PROCESSORS = Path(__file__).resolve().parent / "tiny_vlm_processors"
+# The family's image placeholder in a prompt (what vLLM's get_placeholder_str returns).
+VLM_IMAGE_PLACEHOLDERS = {
+    "kimi_vl": "<|media_start|>image<|media_content|><|media_pad|><|media_end|>",
+}
+_VLM_SPECIAL_TOKENS = {
+    "kimi_vl": ["<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>", "<|placeholder|>"],
+}
+
+
+def _vlm_chat_template(placeholder: str) -> str:
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + placeholder + " "
+        "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def _text_state(config, generator: torch.Generator, seed: int) -> dict[str, torch.Tensor]:
+    """A random text MoE's checkpoint tensors as ``save_pretrained`` writes them (routers skewed), bf16."""
+    import tempfile
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _skew_routers(model, generator)
+    model.to(torch.bfloat16)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        state = {}
+        for file in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(str(file)))
+    return state
+
+
+def _random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm0.weight") or name.endswith("norm1.weight") or "layernorm.weight" in name \
+                or "norm.weight" in name:
+            state[name] = torch.ones(shape)
+        elif name.endswith(".bias"):
+            state[name] = torch.zeros(shape)
+        else:
+            fan_in = shape[-1] if len(shape) == 2 else max(1, int(torch.tensor(shape[1:]).prod()))
+            state[name] = torch.randn(shape, generator=generator) / fan_in**0.5
+    return {name: tensor.to(torch.bfloat16) for name, tensor in state.items()}
+
+
+def _kimi_vl(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Kimi-VL: MoonViT (2-D RoPE, 2x2 patch merge) + a DeepSeek-V3 MoE text model (vLLM's own config class)."""
+    text = _config("deepseek_v3", vocab_size=len(tokenizer))
+    state = {f"language_model.{name}": t for name, t in _text_state(text, generator, seed).items()}
+    hidden, inter, layers, patch, pos = 64, 128, 2, 14, 8
+    merged = hidden * 4
+    shapes = {
+        "vision_tower.patch_embed.proj.weight": (hidden, 3, patch, patch),
+        "vision_tower.patch_embed.proj.bias": (hidden,),
+        "vision_tower.patch_embed.pos_emb.weight": (pos, pos, hidden),
+        "vision_tower.encoder.final_layernorm.weight": (hidden,),
+        "vision_tower.encoder.final_layernorm.bias": (hidden,),
+        "multi_modal_projector.pre_norm.weight": (hidden,),
+        "multi_modal_projector.pre_norm.bias": (hidden,),
+        "multi_modal_projector.linear_1.weight": (merged, merged),
+        "multi_modal_projector.linear_1.bias": (merged,),
+        "multi_modal_projector.linear_2.weight": (text.hidden_size, merged),
+        "multi_modal_projector.linear_2.bias": (text.hidden_size,),
+    }
+    for i in range(layers):
+        block = f"vision_tower.encoder.blocks.{i}"
+        shapes.update({
+            f"{block}.norm0.weight": (hidden,), f"{block}.norm0.bias": (hidden,),
+            f"{block}.norm1.weight": (hidden,), f"{block}.norm1.bias": (hidden,),
+            f"{block}.wqkv.weight": (3 * hidden, hidden), f"{block}.wqkv.bias": (3 * hidden,),
+            f"{block}.wo.weight": (hidden, hidden), f"{block}.wo.bias": (hidden,),
+            f"{block}.mlp.fc0.weight": (inter, hidden), f"{block}.mlp.fc0.bias": (inter,),
+            f"{block}.mlp.fc1.weight": (hidden, inter), f"{block}.mlp.fc1.bias": (hidden,),
+        })
+    state.update(_random_tensors(shapes, generator))
+    text_dict = text.to_dict()
+    config = {
+        "architectures": ["KimiVLForConditionalGeneration"],
+        "model_type": "kimi_vl",
+        "dtype": "bfloat16",
+        "media_placeholder_token_id": tokenizer.convert_tokens_to_ids("<|media_pad|>"),
+        "pad_token_id": 1,
+        "eos_token_id": 3,
+        "vocab_size": len(tokenizer),
+        "text_config": text_dict,
+        "vision_config": {
+            "model_type": "moonvit", "patch_size": patch, "init_pos_emb_height": pos, "init_pos_emb_width": pos,
+            "num_attention_heads": 2, "num_hidden_layers": layers, "hidden_size": hidden,
+            "intermediate_size": inter, "merge_kernel_size": [2, 2],
+        },
+        "auto_map": {"AutoProcessor": "processing_kimi_vl.KimiVLProcessor"},
+    }
+    # 256 patches at most: vLLM's 1024x1024 profiling image becomes 64 image tokens, within max_model_len.
+    processor = {
+        "processor_class": "KimiVLProcessor",
+        "auto_map": {"AutoProcessor": "processing_kimi_vl.KimiVLProcessor",
+                     "AutoImageProcessor": "processing_kimi_vl.KimiVLImageProcessor"},
+        "image_processor_type": "KimiVLImageProcessor",
+        "patch_size": patch, "in_token_limit": 256, "merge_kernel_size": [2, 2],
+    }
+    return config, state, {"preprocessor_config.json": processor, "processing_kimi_vl.py": None}
+
+
+def build_tiny_vlm(shape: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a random tiny vision-language MoE checkpoint (bf16) with tokenizer and processor (skipped if present)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    builders = {"kimi_vl": _kimi_vl}
+    if shape not in builders:
+        raise ValueError(f"unknown tiny VLM shape {shape!r}; valid shapes are {list(VLM_SHAPES)}")
+    out = Path(out_dir)
+    marker = out / "expertflow-tiny.json"
+    recipe = {"shape": shape, "seed": seed, "version": 1}
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return out
+    tokenizer = build_tokenizer(_VLM_SPECIAL_TOKENS[shape])
+    tokenizer.chat_template = _vlm_chat_template(VLM_IMAGE_PLACEHOLDERS[shape])
+    config, state, extra_files = builders[shape](tokenizer, torch.Generator().manual_seed(seed), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    for name, content in extra_files.items():
+        if content is None:  # a processor module shipped as local remote code
+            shutil.copyfile(_PROCESSORS / name, out / name)
+        else:
+            (out / name).write_text(json.dumps(content, indent=1))
+    marker.write_text(json.dumps(recipe))
+    return out
