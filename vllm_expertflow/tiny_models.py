@@ -437,14 +437,17 @@ def build_study_shape_vlm(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
 # Tiny vision-language MoE checkpoints of the families vLLM serves with images, for the
 # architecture coverage tests. Each writes config, safetensors, a tokenizer with the family's
 # image tokens, a chat template that places the family's image placeholder, and processor files.
-VLM_SHAPES = ("kimi_vl",)
+VLM_SHAPES = ("kimi_vl", "glm4v_moe")
 _PROCESSORS = Path(__file__).resolve().parent / "tiny_vlm_processors"
 # The family's image placeholder in a prompt (what vLLM's get_placeholder_str returns).
 VLM_IMAGE_PLACEHOLDERS = {
     "kimi_vl": "<|media_start|>image<|media_content|><|media_pad|><|media_end|>",
+    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
 }
 _VLM_SPECIAL_TOKENS = {
     "kimi_vl": ["<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>", "<|placeholder|>"],
+    "glm4v_moe": ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
+                  "<|end_of_video|>"],
 }
 
 
@@ -459,22 +462,13 @@ def _vlm_chat_template(placeholder: str) -> str:
 
 
 def _text_state(config, generator: torch.Generator, seed: int) -> dict[str, torch.Tensor]:
-    """A random text MoE's checkpoint tensors as ``save_pretrained`` writes them (routers skewed), bf16."""
-    import tempfile
-
-    from safetensors.torch import load_file
+    """A random text MoE's checkpoint tensors (routers skewed), bf16."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _skew_routers(model, generator)
-    model.to(torch.bfloat16)
-    with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
-        state = {}
-        for file in sorted(Path(tmp).glob("*.safetensors")):
-            state.update(load_file(str(file)))
-    return state
+    return _saved_state(model.to(torch.bfloat16))
 
 
 def _random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -549,13 +543,65 @@ def _kimi_vl(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, di
     return config, state, {"preprocessor_config.json": processor, "processing_kimi_vl.py": None}
 
 
+def _saved_state(model) -> dict[str, torch.Tensor]:
+    """A transformers model's checkpoint tensors as ``save_pretrained`` writes them (its released layout)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        state = {}
+        for file in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(str(file)))
+    return state
+
+
+def _glm4v_moe(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """GLM-4.5V: GLM-4.1V's vision tower (3-D RoPE, 2x2 merge) + a GLM-4.5 MoE text model (sigmoid, biased)."""
+    from transformers import (Glm4vImageProcessorPil, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration,
+                              Glm4vProcessor, Glm4vVideoProcessor)
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIAL_TOKENS["glm4v_moe"]}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=256, moe_intermediate_size=96, n_routed_experts=16, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=1024, eos_token_id=3, pad_token_id=1,
+        use_qk_norm=False,  # vLLM's GLM-4.5 reads it; transformers' GLM-4.5V text model has no q/k norm
+        # partial rotary (half of head_dim 32), split 2/3/3 over time/height/width as GLM-4.5V's 8/12/12
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=96, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=128, image_size=112)
+    config = Glm4vMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+    )
+    torch.manual_seed(seed)
+    model = Glm4vMoeForConditionalGeneration(config)
+    _skew_routers(model, generator)
+    model.to(torch.bfloat16)
+    state = _saved_state(model)
+    config.architectures = ["Glm4vMoeForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    # At most 64 merged patches an image: vLLM's profiling image then fits max_model_len.
+    size = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 64}
+    processor = Glm4vProcessor(image_processor=Glm4vImageProcessorPil(size=size),
+                               tokenizer=tokenizer, video_processor=Glm4vVideoProcessor(size=size),
+                               chat_template=tokenizer.chat_template)
+    return config.to_dict(), state, {"processor": processor}
+
+
 def build_tiny_vlm(shape: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     """Write a random tiny vision-language MoE checkpoint (bf16) with tokenizer and processor (skipped if present)."""
     import shutil
 
     from safetensors.torch import save_file
 
-    builders = {"kimi_vl": _kimi_vl}
+    builders = {"kimi_vl": _kimi_vl, "glm4v_moe": _glm4v_moe}
     if shape not in builders:
         raise ValueError(f"unknown tiny VLM shape {shape!r}; valid shapes are {list(VLM_SHAPES)}")
     out = Path(out_dir)
@@ -573,7 +619,9 @@ def build_tiny_vlm(shape: str, out_dir: str | os.PathLike, *, seed: int = 0) -> 
     save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(out)
     for name, content in extra_files.items():
-        if content is None:  # a processor module shipped as local remote code
+        if name == "processor":
+            content.save_pretrained(out)
+        elif content is None:  # a processor module shipped as local remote code
             shutil.copyfile(_PROCESSORS / name, out / name)
         else:
             (out / name).write_text(json.dumps(content, indent=1))
