@@ -437,17 +437,20 @@ def build_study_shape_vlm(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
 # Tiny vision-language MoE checkpoints of the families vLLM serves with images, for the
 # architecture coverage tests. Each writes config, safetensors, a tokenizer with the family's
 # image tokens, a chat template that places the family's image placeholder, and processor files.
-VLM_SHAPES = ("kimi_vl", "glm4v_moe")
+VLM_SHAPES = ("kimi_vl", "glm4v_moe", "llama4")
 _PROCESSORS = Path(__file__).resolve().parent / "tiny_vlm_processors"
 # The family's image placeholder in a prompt (what vLLM's get_placeholder_str returns).
 VLM_IMAGE_PLACEHOLDERS = {
     "kimi_vl": "<|media_start|>image<|media_content|><|media_pad|><|media_end|>",
     "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
+    "llama4": "<|image|>",
 }
 _VLM_SPECIAL_TOKENS = {
     "kimi_vl": ["<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>", "<|placeholder|>"],
     "glm4v_moe": ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
                   "<|end_of_video|>"],
+    "llama4": ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>",
+               "<|tile_y_separator|>"],
 }
 
 
@@ -595,13 +598,41 @@ def _glm4v_moe(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, 
     return config.to_dict(), state, {"processor": processor}
 
 
+def _llama4(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Llama-4 multimodal: tiled images, a ViT with pixel shuffle + the Llama-4 MoE text model (sigmoid top-1)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIAL_TOKENS["llama4"]}
+    text = _config("llama4_text", vocab_size=len(tokenizer)).to_dict()
+    # 56-pixel tiles of 4x4 patches; pixel shuffle (ratio 0.5) makes 4 image tokens a tile. The encoder's
+    # MLP width is 4 * hidden, which is what the shuffled patches feed the projector MLP.
+    tile, hidden = 56, 64
+    vision = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * hidden,
+                  vision_output_dim=128, projector_input_dim=128, projector_output_dim=128, image_size=tile,
+                  patch_size=14, pixel_shuffle_ratio=0.5)
+    config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=ids["<|image_start|>"],
+                          eoi_token_index=ids["<|image_end|>"], image_token_index=ids["<|patch|>"])
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config)
+    _skew_routers(model, generator)
+    model.to(torch.bfloat16)
+    state = _saved_state(model)
+    config.architectures = ["Llama4ForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    processor = Llama4Processor(image_processor=Llama4ImageProcessor(size={"height": tile, "width": tile},
+                                                                     max_patches=4),
+                                tokenizer=tokenizer, patch_size=14, pixel_shuffle_ratio=0.5,
+                                chat_template=tokenizer.chat_template)
+    return config.to_dict(), state, {"processor": processor}
+
+
 def build_tiny_vlm(shape: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     """Write a random tiny vision-language MoE checkpoint (bf16) with tokenizer and processor (skipped if present)."""
     import shutil
 
     from safetensors.torch import save_file
 
-    builders = {"kimi_vl": _kimi_vl, "glm4v_moe": _glm4v_moe}
+    builders = {"kimi_vl": _kimi_vl, "glm4v_moe": _glm4v_moe, "llama4": _llama4}
     if shape not in builders:
         raise ValueError(f"unknown tiny VLM shape {shape!r}; valid shapes are {list(VLM_SHAPES)}")
     out = Path(out_dir)
