@@ -40,7 +40,8 @@ CHAT_TEMPLATE = (
 )
 
 MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics", "deepseek_v2", "deepseek_v3", "olmoe",
-                "llama4_text", "glm4_moe", "phimoe", "granitemoe", "ernie45_moe", "gpt_oss", "qwen3_moe_wide")
+                "llama4_text", "glm4_moe", "phimoe", "granitemoe", "ernie45_moe", "gpt_oss", "qwen3_moe_wide",
+                "granitemoeshared", "hunyuan_moe", "minimax_m2", "qwen3_next")
 
 # transformers' class name differs from the released checkpoints' "architectures" entry.
 CHECKPOINT_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
@@ -84,13 +85,17 @@ def _config(shape: str, vocab_size: int):
         Glm4MoeConfig,
         GptOssConfig,
         GraniteMoeConfig,
+        GraniteMoeSharedConfig,
+        HunYuanMoEV1Config,
         Llama4TextConfig,
+        MiniMaxM2Config,
         MixtralConfig,
         OlmoeConfig,
         PhimoeConfig,
         Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
+        Qwen3NextConfig,
     )
 
     common = dict(
@@ -182,13 +187,36 @@ def _config(shape: str, vocab_size: int):
         # Expert biases and a clamped SwiGLU: offload refuses it at startup (see startup.check_model).
         return GptOssConfig(**common, head_dim=32, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
                             layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=128)
+    if shape == "granitemoeshared":
+        # Granite-3.x MoE with a shared expert beside the routed ones (and Granite's muP multipliers).
+        return GraniteMoeSharedConfig(**common, intermediate_size=96, shared_intermediate_size=160,
+                                      num_local_experts=8, num_experts_per_tok=2, embedding_multiplier=12.0,
+                                      attention_multiplier=0.03125, residual_multiplier=0.22, logits_scaling=4.0)
+    if shape == "hunyuan_moe":
+        # Hunyuan-A13B: vLLM serves it through its Transformers backend (TransformersMoEForCausalLM).
+        return HunYuanMoEV1Config(**common, head_dim=32, intermediate_size=96, num_experts=16, moe_topk=2,
+                                  use_qk_norm=True)
+    if shape == "minimax_m2":
+        # MiniMax-M2: sigmoid scores + e_score_correction_bias (use_routing_bias), renormalised, partial rotary.
+        return MiniMaxM2Config(**common, head_dim=32, intermediate_size=96, num_local_experts=16,
+                               num_experts_per_tok=2, scoring_func="sigmoid", use_routing_bias=True, rotary_dim=16,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})
+    if shape == "qwen3_next":
+        # Qwen3-Next: gated DeltaNet (linear attention) in 3 of 4 layers, one shared expert, 16 experts top-2.
+        return Qwen3NextConfig(
+            **common, head_dim=32, intermediate_size=256, moe_intermediate_size=96, shared_expert_intermediate_size=96,
+            num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        )
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
 
 
 def _skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 2)
-        is_router = "gate" in leaf[-2:] or "router" in name.split(".")
+        is_router = "gate" in leaf[-2:] or "router" in name.split(".") or ".gate.wg." in name  # wg: Hunyuan
         if is_router and param.dim() == 2 and "shared_expert_gate" not in name and "proj" not in name:
             num_experts = param.shape[0]
             popularity = torch.linspace(1.6, 0.4, num_experts)[torch.randperm(num_experts, generator=generator)]
