@@ -207,7 +207,7 @@ def _config(shape: str, vocab_size: int):
         return Qwen3NextConfig(
             **common, head_dim=32, intermediate_size=256, moe_intermediate_size=96, shared_expert_intermediate_size=96,
             num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
-            linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=32, linear_value_head_dim=32,
+            linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=128, linear_value_head_dim=128,
             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
         )
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
@@ -590,8 +590,13 @@ def _saved_state(model) -> dict[str, torch.Tensor]:
 
 def _glm4v_moe(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dict[str, torch.Tensor], dict]:
     """GLM-4.5V: GLM-4.1V's vision tower (3-D RoPE, 2x2 merge) + a GLM-4.5 MoE text model (sigmoid, biased)."""
-    from transformers import (Glm4vImageProcessorPil, Glm4vMoeConfig, Glm4vMoeForConditionalGeneration,
-                              Glm4vProcessor, Glm4vVideoProcessor)
+    from transformers import (
+        Glm4vImageProcessorPil,
+        Glm4vMoeConfig,
+        Glm4vMoeForConditionalGeneration,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIAL_TOKENS["glm4v_moe"]}
     text = dict(
