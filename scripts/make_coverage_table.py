@@ -30,7 +30,7 @@ def render(entries: dict[str, dict]) -> str:
         test = f"{entry.get('test_file', TEXT_TESTS)}::{entry['test']}"
         cells = (entry["hf_class"], entry["example"], entry["modality"], entry["routing"], entry["shared_experts"],
                  entry["status"], f"`{test}`")
-        rows.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
+        rows.append("| " + " | ".join(" ".join(cell.replace("|", "/").split()) for cell in cells) + " |")
     return "\n".join(rows)
 
 

@@ -41,10 +41,10 @@ CHAT_TEMPLATE = (
 
 MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics", "deepseek_v2", "deepseek_v3", "olmoe",
                 "llama4_text", "glm4_moe", "phimoe", "granitemoe", "ernie45_moe", "gpt_oss", "qwen3_moe_wide",
-                "granitemoeshared", "hunyuan_moe", "minimax_m2", "qwen3_next")
+                "granitemoeshared", "hunyuan_moe", "minimax_m2", "qwen3_next", "minimax_text01")
 
 # transformers' class name differs from the released checkpoints' "architectures" entry.
-CHECKPOINT_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
+CHECKPOINT_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM", "minimax_text01": "MiniMaxText01ForCausalLM"}
 
 # The topic model: the vocabulary in TOPIC_COUNT contiguous topics of about 18 words each.
 TOPIC_COUNT = 8
@@ -88,6 +88,7 @@ def _config(shape: str, vocab_size: int):
         GraniteMoeSharedConfig,
         HunYuanMoEV1Config,
         Llama4TextConfig,
+        MiniMaxConfig,
         MiniMaxM2Config,
         MixtralConfig,
         OlmoeConfig,
@@ -210,6 +211,11 @@ def _config(shape: str, vocab_size: int):
             linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=128, linear_value_head_dim=128,
             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
         )
+    if shape == "minimax_text01":
+        # MiniMax-Text-01: lightning (linear) attention in 3 of 4 layers, softmax top-2 of 8 experts.
+        return MiniMaxConfig(**common, head_dim=32, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+                             block_size=64)
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
 
 
