@@ -40,10 +40,11 @@ CHAT_TEMPLATE = (
 )
 
 MODEL_SHAPES = ("qwen3_moe", "mixtral", "qwen2_moe", "dense", "qwen3_moe_topics", "deepseek_v2", "deepseek_v3", "olmoe",
-                "llama4_text", "glm4_moe", "phimoe", "granitemoe", "ernie45_moe", "gpt_oss", "qwen3_moe_wide")
+                "llama4_text", "glm4_moe", "phimoe", "granitemoe", "ernie45_moe", "gpt_oss", "qwen3_moe_wide",
+                "granitemoeshared", "hunyuan_moe", "minimax_m2", "qwen3_next", "minimax_text01")
 
 # transformers' class name differs from the released checkpoints' "architectures" entry.
-CHECKPOINT_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM"}
+CHECKPOINT_ARCHITECTURES = {"phimoe": "PhiMoEForCausalLM", "minimax_text01": "MiniMaxText01ForCausalLM"}
 
 # The topic model: the vocabulary in TOPIC_COUNT contiguous topics of about 18 words each.
 TOPIC_COUNT = 8
@@ -84,13 +85,18 @@ def _config(shape: str, vocab_size: int):
         Glm4MoeConfig,
         GptOssConfig,
         GraniteMoeConfig,
+        GraniteMoeSharedConfig,
+        HunYuanMoEV1Config,
         Llama4TextConfig,
+        MiniMaxConfig,
+        MiniMaxM2Config,
         MixtralConfig,
         OlmoeConfig,
         PhimoeConfig,
         Qwen2MoeConfig,
         Qwen3Config,
         Qwen3MoeConfig,
+        Qwen3NextConfig,
     )
 
     common = dict(
@@ -182,6 +188,34 @@ def _config(shape: str, vocab_size: int):
         # Expert biases and a clamped SwiGLU: a slot holds the biases with the weights.
         return GptOssConfig(**common, head_dim=32, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
                             layer_types=["sliding_attention", "full_attention"] * 2, sliding_window=128)
+    if shape == "granitemoeshared":
+        # Granite-3.x MoE with a shared expert beside the routed ones (and Granite's muP multipliers).
+        return GraniteMoeSharedConfig(**common, intermediate_size=96, shared_intermediate_size=160,
+                                      num_local_experts=8, num_experts_per_tok=2, embedding_multiplier=12.0,
+                                      attention_multiplier=0.03125, residual_multiplier=0.22, logits_scaling=4.0)
+    if shape == "hunyuan_moe":
+        # Hunyuan-A13B: vLLM serves it through its Transformers backend (TransformersMoEForCausalLM).
+        return HunYuanMoEV1Config(**common, head_dim=32, intermediate_size=96, num_experts=16, moe_topk=2,
+                                  use_qk_norm=True)
+    if shape == "minimax_m2":
+        # MiniMax-M2: sigmoid scores + e_score_correction_bias (use_routing_bias), renormalised, partial rotary.
+        return MiniMaxM2Config(**common, head_dim=32, intermediate_size=96, num_local_experts=16,
+                               num_experts_per_tok=2, scoring_func="sigmoid", use_routing_bias=True, rotary_dim=16,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                "partial_rotary_factor": 0.5})
+    if shape == "qwen3_next":
+        # Qwen3-Next: gated DeltaNet (linear attention) in 3 of 4 layers, one shared expert, 16 experts top-2.
+        return Qwen3NextConfig(
+            **common, head_dim=32, intermediate_size=256, moe_intermediate_size=96, shared_expert_intermediate_size=96,
+            num_experts=16, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+            linear_num_key_heads=1, linear_num_value_heads=2, linear_key_head_dim=128, linear_value_head_dim=128,
+            layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+        )
+    if shape == "minimax_text01":
+        # MiniMax-Text-01: lightning (linear) attention in 3 of 4 layers, softmax top-2 of 8 experts.
+        return MiniMaxConfig(**common, head_dim=32, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                             layer_types=["linear_attention", "linear_attention", "linear_attention", "full_attention"],
+                             block_size=64)
     raise ValueError(f"unknown tiny model shape {shape!r}; valid shapes are {list(MODEL_SHAPES)}")
 
 
@@ -203,7 +237,7 @@ def _randomize_expert_biases(model: torch.nn.Module, generator: torch.Generator)
 def _skew_routers(model: torch.nn.Module, generator: torch.Generator) -> None:
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 2)
-        is_router = "gate" in leaf[-2:] or "router" in name.split(".")
+        is_router = "gate" in leaf[-2:] or "router" in name.split(".") or ".gate.wg." in name  # wg: Hunyuan
         if is_router and param.dim() == 2 and "shared_expert_gate" not in name and "proj" not in name:
             num_experts = param.shape[0]
             popularity = torch.linspace(1.6, 0.4, num_experts)[torch.randperm(num_experts, generator=generator)]
@@ -449,5 +483,236 @@ def build_study_shape_vlm(out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
     for name in _TOY_VLM_FILES:
         if (TOY_VLM / name).exists():
             shutil.copyfile(TOY_VLM / name, out / name)
+    marker.write_text(json.dumps(recipe))
+    return out
+
+
+# Tiny vision-language MoE checkpoints of the families vLLM serves with images, for the
+# architecture coverage tests. Each writes config, safetensors, a tokenizer with the family's
+# image tokens, a chat template that places the family's image placeholder, and processor files.
+VLM_SHAPES = ("kimi_vl", "glm4v_moe", "llama4")
+_PROCESSORS = Path(__file__).resolve().parent / "tiny_vlm_processors"
+# The family's image placeholder in a prompt (what vLLM's get_placeholder_str returns).
+VLM_IMAGE_PLACEHOLDERS = {
+    "kimi_vl": "<|media_start|>image<|media_content|><|media_pad|><|media_end|>",
+    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
+    "llama4": "<|image|>",
+}
+_VLM_SPECIAL_TOKENS = {
+    "kimi_vl": ["<|media_start|>", "<|media_content|>", "<|media_pad|>", "<|media_end|>", "<|placeholder|>"],
+    "glm4v_moe": ["<|image|>", "<|begin_of_image|>", "<|end_of_image|>", "<|video|>", "<|begin_of_video|>",
+                  "<|end_of_video|>"],
+    "llama4": ["<|image|>", "<|image_start|>", "<|image_end|>", "<|patch|>", "<|tile_x_separator|>",
+               "<|tile_y_separator|>"],
+}
+
+
+def _vlm_chat_template(placeholder: str) -> str:
+    return (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for part in message['content'] %}{% if part['type'] == 'image' %}" + placeholder + " "
+        "{% else %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+def _text_state(config, generator: torch.Generator, seed: int) -> dict[str, torch.Tensor]:
+    """A random text MoE's checkpoint tensors (routers skewed), bf16."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _skew_routers(model, generator)
+    return _saved_state(model.to(torch.bfloat16))
+
+
+def _random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {}
+    for name, shape in shapes.items():
+        if name.endswith("norm0.weight") or name.endswith("norm1.weight") or "layernorm.weight" in name \
+                or "norm.weight" in name:
+            state[name] = torch.ones(shape)
+        elif name.endswith(".bias"):
+            state[name] = torch.zeros(shape)
+        else:
+            fan_in = shape[-1] if len(shape) == 2 else max(1, int(torch.tensor(shape[1:]).prod()))
+            state[name] = torch.randn(shape, generator=generator) / fan_in**0.5
+    return {name: tensor.to(torch.bfloat16) for name, tensor in state.items()}
+
+
+def _kimi_vl(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Kimi-VL: MoonViT (2-D RoPE, 2x2 patch merge) + a DeepSeek-V3 MoE text model (vLLM's own config class)."""
+    text = _config("deepseek_v3", vocab_size=len(tokenizer))
+    state = {f"language_model.{name}": t for name, t in _text_state(text, generator, seed).items()}
+    hidden, inter, layers, patch, pos = 64, 128, 2, 14, 8
+    merged = hidden * 4
+    shapes = {
+        "vision_tower.patch_embed.proj.weight": (hidden, 3, patch, patch),
+        "vision_tower.patch_embed.proj.bias": (hidden,),
+        "vision_tower.patch_embed.pos_emb.weight": (pos, pos, hidden),
+        "vision_tower.encoder.final_layernorm.weight": (hidden,),
+        "vision_tower.encoder.final_layernorm.bias": (hidden,),
+        "multi_modal_projector.pre_norm.weight": (hidden,),
+        "multi_modal_projector.pre_norm.bias": (hidden,),
+        "multi_modal_projector.linear_1.weight": (merged, merged),
+        "multi_modal_projector.linear_1.bias": (merged,),
+        "multi_modal_projector.linear_2.weight": (text.hidden_size, merged),
+        "multi_modal_projector.linear_2.bias": (text.hidden_size,),
+    }
+    for i in range(layers):
+        block = f"vision_tower.encoder.blocks.{i}"
+        shapes.update({
+            f"{block}.norm0.weight": (hidden,), f"{block}.norm0.bias": (hidden,),
+            f"{block}.norm1.weight": (hidden,), f"{block}.norm1.bias": (hidden,),
+            f"{block}.wqkv.weight": (3 * hidden, hidden), f"{block}.wqkv.bias": (3 * hidden,),
+            f"{block}.wo.weight": (hidden, hidden), f"{block}.wo.bias": (hidden,),
+            f"{block}.mlp.fc0.weight": (inter, hidden), f"{block}.mlp.fc0.bias": (inter,),
+            f"{block}.mlp.fc1.weight": (hidden, inter), f"{block}.mlp.fc1.bias": (hidden,),
+        })
+    state.update(_random_tensors(shapes, generator))
+    text_dict = text.to_dict()
+    config = {
+        "architectures": ["KimiVLForConditionalGeneration"],
+        "model_type": "kimi_vl",
+        "dtype": "bfloat16",
+        "media_placeholder_token_id": tokenizer.convert_tokens_to_ids("<|media_pad|>"),
+        "pad_token_id": 1,
+        "eos_token_id": 3,
+        "vocab_size": len(tokenizer),
+        "text_config": text_dict,
+        "vision_config": {
+            "model_type": "moonvit", "patch_size": patch, "init_pos_emb_height": pos, "init_pos_emb_width": pos,
+            "num_attention_heads": 2, "num_hidden_layers": layers, "hidden_size": hidden,
+            "intermediate_size": inter, "merge_kernel_size": [2, 2],
+        },
+        "auto_map": {"AutoProcessor": "processing_kimi_vl.KimiVLProcessor"},
+    }
+    # 256 patches at most: vLLM's 1024x1024 profiling image becomes 64 image tokens, within max_model_len.
+    processor = {
+        "processor_class": "KimiVLProcessor",
+        "auto_map": {"AutoProcessor": "processing_kimi_vl.KimiVLProcessor",
+                     "AutoImageProcessor": "processing_kimi_vl.KimiVLImageProcessor"},
+        "image_processor_type": "KimiVLImageProcessor",
+        "patch_size": patch, "in_token_limit": 256, "merge_kernel_size": [2, 2],
+    }
+    return config, state, {"preprocessor_config.json": processor, "processing_kimi_vl.py": None}
+
+
+def _saved_state(model) -> dict[str, torch.Tensor]:
+    """A transformers model's checkpoint tensors as ``save_pretrained`` writes them (its released layout)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        state = {}
+        for file in sorted(Path(tmp).glob("*.safetensors")):
+            state.update(load_file(str(file)))
+    return state
+
+
+def _glm4v_moe(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """GLM-4.5V: GLM-4.1V's vision tower (3-D RoPE, 2x2 merge) + a GLM-4.5 MoE text model (sigmoid, biased)."""
+    from transformers import (
+        Glm4vImageProcessorPil,
+        Glm4vMoeConfig,
+        Glm4vMoeForConditionalGeneration,
+        Glm4vProcessor,
+        Glm4vVideoProcessor,
+    )
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIAL_TOKENS["glm4v_moe"]}
+    text = dict(
+        vocab_size=len(tokenizer), hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, intermediate_size=256, moe_intermediate_size=96, n_routed_experts=16, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True,
+        max_position_embeddings=1024, eos_token_id=3, pad_token_id=1,
+        use_qk_norm=False,  # vLLM's GLM-4.5 reads it; transformers' GLM-4.5V text model has no q/k norm
+        # partial rotary (half of head_dim 32), split 2/3/3 over time/height/width as GLM-4.5V's 8/12/12
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "mrope_section": [2, 3, 3]},
+    )
+    vision = dict(depth=2, hidden_size=64, num_heads=2, intermediate_size=96, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=128, image_size=112)
+    config = Glm4vMoeConfig(
+        text_config=text, vision_config=vision, image_token_id=ids["<|image|>"], video_token_id=ids["<|video|>"],
+        image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
+        video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
+    )
+    torch.manual_seed(seed)
+    model = Glm4vMoeForConditionalGeneration(config)
+    _skew_routers(model, generator)
+    model.to(torch.bfloat16)
+    state = _saved_state(model)
+    config.architectures = ["Glm4vMoeForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    # At most 64 merged patches an image: vLLM's profiling image then fits max_model_len.
+    size = {"shortest_edge": 112 * 112, "longest_edge": 28 * 28 * 64}
+    processor = Glm4vProcessor(image_processor=Glm4vImageProcessorPil(size=size),
+                               tokenizer=tokenizer, video_processor=Glm4vVideoProcessor(size=size),
+                               chat_template=tokenizer.chat_template)
+    return config.to_dict(), state, {"processor": processor}
+
+
+def _llama4(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dict[str, torch.Tensor], dict]:
+    """Llama-4 multimodal: tiled images, a ViT with pixel shuffle + the Llama-4 MoE text model (sigmoid top-1)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration, Llama4ImageProcessor, Llama4Processor
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _VLM_SPECIAL_TOKENS["llama4"]}
+    text = _config("llama4_text", vocab_size=len(tokenizer)).to_dict()
+    # 56-pixel tiles of 4x4 patches; pixel shuffle (ratio 0.5) makes 4 image tokens a tile. The encoder's
+    # MLP width is 4 * hidden, which is what the shuffled patches feed the projector MLP.
+    tile, hidden = 56, 64
+    vision = dict(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=4 * hidden,
+                  vision_output_dim=128, projector_input_dim=128, projector_output_dim=128, image_size=tile,
+                  patch_size=14, pixel_shuffle_ratio=0.5)
+    config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=ids["<|image_start|>"],
+                          eoi_token_index=ids["<|image_end|>"], image_token_index=ids["<|patch|>"])
+    torch.manual_seed(seed)
+    model = Llama4ForConditionalGeneration(config)
+    _skew_routers(model, generator)
+    model.to(torch.bfloat16)
+    state = _saved_state(model)
+    config.architectures = ["Llama4ForConditionalGeneration"]
+    config.dtype = "bfloat16"
+    processor = Llama4Processor(image_processor=Llama4ImageProcessor(size={"height": tile, "width": tile},
+                                                                     max_patches=4),
+                                tokenizer=tokenizer, patch_size=14, pixel_shuffle_ratio=0.5,
+                                chat_template=tokenizer.chat_template)
+    return config.to_dict(), state, {"processor": processor}
+
+
+def build_tiny_vlm(shape: str, out_dir: str | os.PathLike, *, seed: int = 0) -> Path:
+    """Write a random tiny vision-language MoE checkpoint (bf16) with tokenizer and processor (skipped if present)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    builders = {"kimi_vl": _kimi_vl, "glm4v_moe": _glm4v_moe, "llama4": _llama4}
+    if shape not in builders:
+        raise ValueError(f"unknown tiny VLM shape {shape!r}; valid shapes are {list(VLM_SHAPES)}")
+    out = Path(out_dir)
+    marker = out / "expertflow-tiny.json"
+    recipe = {"shape": shape, "seed": seed, "version": 1}
+    if marker.exists() and json.loads(marker.read_text()) == recipe:
+        return out
+    tokenizer = build_tokenizer(_VLM_SPECIAL_TOKENS[shape])
+    tokenizer.chat_template = _vlm_chat_template(VLM_IMAGE_PLACEHOLDERS[shape])
+    config, state, extra_files = builders[shape](tokenizer, torch.Generator().manual_seed(seed), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.safetensors"):
+        old.unlink()
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(out)
+    for name, content in extra_files.items():
+        if name == "processor":
+            content.save_pretrained(out)
+        elif content is None:  # a processor module shipped as local remote code
+            shutil.copyfile(_PROCESSORS / name, out / name)
+        else:
+            (out / name).write_text(json.dumps(content, indent=1))
     marker.write_text(json.dumps(recipe))
     return out

