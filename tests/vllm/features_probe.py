@@ -28,11 +28,11 @@ KV_BLOCKS = 9  # vLLM keeps one back: 256 tokens of KV cache (max_model_len); th
 CHOICES = ["red", "blue", "green", "yellow"]
 
 
-def counters(llm) -> dict[str, float]:
+def counters(llm) -> dict[str, int]:
     """vLLM's Prometheus counters of this engine (the registry is reset when an engine starts)."""
-    from vllm.v1.metrics.reader import Counter
+    from vllm_expertflow.vllm_adapter.vllm_api import engine_counters
 
-    return {m.name: m.value for m in llm.get_metrics() if isinstance(m, Counter)}
+    return engine_counters(llm)
 
 
 def counted(llm, name: str, run):
@@ -49,7 +49,7 @@ def batch_features(llm) -> dict:
     """Features that need no engine argument of their own, on an engine with prefix caching, a 48-token
     budget and a small KV cache. Each returns what the offload-on engine must reproduce."""
     from vllm import SamplingParams
-    from vllm.sampling_params import StructuredOutputsParams
+    from vllm.sampling_params import StructuredOutputsParams  # public: vLLM's structured-outputs docs import it so
 
     from vllm_expertflow.tiny_models import sample_prompts
 
@@ -132,11 +132,11 @@ def tp2_features(llm) -> dict:
     from vllm import SamplingParams
 
     from vllm_expertflow.tiny_models import sample_prompts
+    from vllm_expertflow.vllm_adapter.vllm_api import tensor_parallel_size
 
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     outputs = llm.generate(sample_prompts(8, seed=90), params, use_tqdm=False)
-    return {"tensor_parallel_2": {"tokens": tokens(outputs),
-                                  "tensor_parallel_size": llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size}}
+    return {"tensor_parallel_2": {"tokens": tokens(outputs), "tensor_parallel_size": tensor_parallel_size(llm)}}
 
 
 def error_text(exc: BaseException) -> str:
