@@ -410,6 +410,23 @@ def inprocess_scheduler(llm):
     return getattr(core, "scheduler", None)
 
 
+def engine_counters(llm) -> dict[str, int]:
+    """vLLM's Prometheus counters of an offline LLM built with ``disable_log_stats=False`` (``LLM.get_metrics``
+    is public; its metric classes are not), by name, summed over labels (e.g. engine index)."""
+    from vllm.v1.metrics.reader import Counter
+
+    totals: dict[str, int] = {}
+    for metric in llm.get_metrics():
+        if isinstance(metric, Counter):
+            totals[metric.name] = totals.get(metric.name, 0) + metric.value
+    return totals
+
+
+def tensor_parallel_size(llm) -> int:
+    """The tensor-parallel size an offline LLM's engine runs with."""
+    return llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+
+
 def install_router_logits_capture() -> None:
     """Keep each MoE step's router logits on its RoutedExperts (``last_router_logits``).
 
