@@ -148,3 +148,46 @@ def test_refusals_come_before_the_weights_load(tiny_models, tmp_path):
     assert "does not support expert parallelism yet" in expert_parallel["error"]
     for refused in (user_scheduler, trace_dir, expert_parallel):
         assert not refused["weights_loaded"]
+
+
+def test_quantized_moe_is_refused_by_the_front_end_before_the_engine_starts(monkeypatch):
+    # No quantized MoE checkpoint can be built here (vLLM-CPU loads none of the MoE quantization
+    # formats), so the front end's check gets the shape vLLM would report for one.
+    from types import SimpleNamespace
+
+    from vllm_expertflow.config import ExpertOffloadConfig, ExpertOffloadConfigError
+    from vllm_expertflow.vllm_adapter import startup, vllm_api
+
+    shape = vllm_api.MoEModelShape(name="some/fp8-moe", num_experts=8, top_k=2, num_layers=2, text_config=None,
+                                   dtype_bytes=2, quantization="fp8", model_type="qwen3_moe", mla_on_cpu=False)
+    monkeypatch.setattr(startup, "moe_model_shape", lambda vllm_config: shape)
+    config = SimpleNamespace(additional_config={})
+    with pytest.raises(ExpertOffloadConfigError, match=r"some/fp8-moe uses quantization='fp8'.*unquantized"):
+        startup.check_model(ExpertOffloadConfig.from_dict({"enabled": True, "cache_slots": 4}), config)
+    assert config.additional_config == {}  # refused before anything was planned for the workers
+
+
+def test_layer_refusals_name_the_layer_and_what_would_work():
+    from vllm_expertflow.config import ExpertOffloadConfigError
+    from vllm_expertflow.vllm_adapter.moe import OffloadedUnquantizedFusedMoEMethod, refuse_unsupported_layer
+
+    class QuantizedMethod:  # any method other than the unquantized one vLLM would pick
+        is_monolithic = False
+
+    class MonolithicMethod(OffloadedUnquantizedFusedMoEMethod):
+        is_monolithic = True
+        unquantized_backend = "FLASHINFER_TRTLLM"
+
+    class ModularMethod(OffloadedUnquantizedFusedMoEMethod):
+        is_monolithic = False
+
+    # Built without vLLM's constructor: only the attributes the checks read are needed.
+    monolithic, modular = MonolithicMethod.__new__(MonolithicMethod), ModularMethod.__new__(ModularMethod)
+    with pytest.raises(ExpertOffloadConfigError, match=r"unquantized MoE weights only; layer layers\.0\.mlp uses "
+                                                       r"QuantizedMethod"):
+        refuse_unsupported_layer("layers.0.mlp", QuantizedMethod(), 8, 8)
+    with pytest.raises(ExpertOffloadConfigError, match=r"expert parallelism yet \(4 local of 8 experts"):
+        refuse_unsupported_layer("layers.0.mlp", modular, 4, 8)
+    with pytest.raises(ExpertOffloadConfigError, match=r"monolithic backend FLASHINFER_TRTLLM; choose another"):
+        refuse_unsupported_layer("layers.0.mlp", monolithic, 8, 8)
+    refuse_unsupported_layer("layers.0.mlp", modular, 8, 8)  # the supported case passes

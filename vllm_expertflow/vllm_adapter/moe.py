@@ -79,6 +79,31 @@ class OffloadedUnquantizedFusedMoEMethod(UnquantizedFusedMoEMethod):
             layer.build_expert_cache()
 
 
+def refuse_unsupported_layer(layer_name: str, quant_method: object, local_num_experts: int,
+                             global_num_experts: int) -> None:
+    """The layer-level refusals, as the layer is built: before any weight is read.
+
+    The front end already refused what the HF config shows (``startup.check_model``); these
+    catch what only the built layer knows (the quantization method vLLM chose, its kernel).
+    """
+    if not isinstance(quant_method, OffloadedUnquantizedFusedMoEMethod):
+        raise ExpertOffloadConfigError(
+            f"expert offload supports unquantized MoE weights only; layer {layer_name} uses "
+            f"{type(quant_method).__name__}. Serve an unquantized (bf16/fp16/fp32) checkpoint or "
+            f"disable --enable-expert-offload"
+        )
+    if local_num_experts != global_num_experts:
+        raise ExpertOffloadConfigError(
+            f"expert offload does not support expert parallelism yet ({local_num_experts} local of "
+            f"{global_num_experts} experts on layer {layer_name}); disable expert parallelism"
+        )
+    if quant_method.is_monolithic:
+        raise ExpertOffloadConfigError(
+            f"expert offload needs a modular MoE kernel, but layer {layer_name} selected the "
+            f"monolithic backend {quant_method.unquantized_backend}; choose another MoE backend"
+        )
+
+
 class OffloadedRoutedExperts(RoutedExperts):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -86,22 +111,7 @@ class OffloadedRoutedExperts(RoutedExperts):
         self.offload = _offload_config()
         if not self.offload.enabled:
             return
-        if not isinstance(self.quant_method, OffloadedUnquantizedFusedMoEMethod):
-            raise ExpertOffloadConfigError(
-                f"expert offload supports unquantized MoE weights only; layer {self.layer_name} uses "
-                f"{type(self.quant_method).__name__}. Serve an unquantized (bf16/fp16/fp32) checkpoint or "
-                f"disable --enable-expert-offload"
-            )
-        if self.local_num_experts != self.global_num_experts:
-            raise ExpertOffloadConfigError(
-                f"expert offload does not support expert parallelism yet ({self.local_num_experts} local of "
-                f"{self.global_num_experts} experts on layer {self.layer_name}); disable expert parallelism"
-            )
-        if self.quant_method.is_monolithic:
-            raise ExpertOffloadConfigError(
-                f"expert offload needs a modular MoE kernel, but layer {self.layer_name} selected the "
-                f"monolithic backend {self.quant_method.unquantized_backend}; choose another MoE backend"
-            )
+        refuse_unsupported_layer(self.layer_name, self.quant_method, self.local_num_experts, self.global_num_experts)
         self._group: ExpertCacheGroup = group_being_built()
         self._group.add_layer(self.layer_name)
         install_worker_step_hooks(begin_worker_step, end_worker_step)
