@@ -2,6 +2,7 @@
 
     pytest -m vllm tests/vllm/test_architectures.py      # writes runs/coverage/architectures.json
     pytest -m vllm tests/vllm/test_vlm_architectures.py  # writes runs/coverage/vlm_architectures.json
+    pytest -m vllm tests/vllm/test_offload_equivalence.py tests/vllm/test_vlm_offload.py  # runs/coverage/equivalence.json
     python scripts/make_coverage_table.py                 # README between the coverage markers, + a copy in docs/results
 
 The table is generated, never edited by hand: the status column is what the tests observed.
@@ -37,7 +38,8 @@ def render(entries: dict[str, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results", nargs="+", default=[str(REPO / "runs" / "coverage" / name)
-                                                         for name in ("architectures.json", "vlm_architectures.json")])
+                                                         for name in ("architectures.json", "vlm_architectures.json",
+                                                                      "equivalence.json")])
     parser.add_argument("--readme", default=str(REPO / "README.md"))
     args = parser.parse_args()
     entries = {}
@@ -56,7 +58,8 @@ def main() -> None:
     readme.write_text(f"{head}{START}\n{table}\n{END}{tail}")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout
     record = {"commit": commit.strip(),
-              "command": "pytest -m vllm tests/vllm/test_architectures.py tests/vllm/test_vlm_architectures.py",
+              "command": "pytest -m vllm tests/vllm/test_architectures.py tests/vllm/test_vlm_architectures.py "
+                         "tests/vllm/test_offload_equivalence.py tests/vllm/test_vlm_offload.py",
               "architectures": entries}
     (REPO / "docs" / "results" / "architecture_coverage.json").write_text(json.dumps(record, indent=1, sort_keys=True))
     print(table)

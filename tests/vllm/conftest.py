@@ -13,6 +13,21 @@ import pytest
 from vllm_expertflow.tiny_models import build_tiny_moe
 
 REPO = Path(__file__).resolve().parents[2]
+COVERAGE_DIR = REPO / "runs" / "coverage"
+
+
+def record_coverage(results: str, shape: str, entry: dict) -> None:
+    """Add one architecture's observed outcome to ``runs/coverage/<results>.json``.
+
+    ``scripts/make_coverage_table.py`` renders these files into the README's table; an entry
+    needs ``hf_class``, ``example``, ``modality``, ``routing``, ``shared_experts``, ``status``,
+    ``test`` and, outside tests/vllm/test_architectures.py, ``test_file``.
+    """
+    COVERAGE_DIR.mkdir(parents=True, exist_ok=True)
+    path = COVERAGE_DIR / f"{results}.json"
+    entries = json.loads(path.read_text()) if path.exists() else {}
+    entries[shape] = entry
+    path.write_text(json.dumps(entries, indent=1, sort_keys=True))
 
 
 @pytest.fixture(scope="session")

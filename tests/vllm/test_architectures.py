@@ -25,12 +25,10 @@ from dataclasses import asdict, dataclass
 
 import pytest
 
-from tests.vllm.conftest import REPO
+from tests.vllm.conftest import REPO, record_coverage
 from vllm_expertflow.tiny_models import build_tiny_moe
 
 pytestmark = pytest.mark.vllm
-
-COVERAGE_DIR = REPO / "runs" / "coverage"
 
 
 @dataclass(frozen=True)
@@ -119,11 +117,7 @@ def probe_report(tmp_path_factory, request) -> dict[str, dict]:
 
 def record(arch: Architecture, status: str, test_name: str) -> None:
     """Add this architecture's outcome to the coverage results (rendered by scripts/make_coverage_table.py)."""
-    COVERAGE_DIR.mkdir(parents=True, exist_ok=True)
-    path = COVERAGE_DIR / "architectures.json"
-    entries = json.loads(path.read_text()) if path.exists() else {}
-    entries[arch.shape] = {**asdict(arch), "status": status, "test": test_name}
-    path.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    record_coverage("architectures", arch.shape, {**asdict(arch), "status": status, "test": test_name})
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.shape)

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.vllm.conftest import run_generate
+from tests.vllm.conftest import record_coverage, run_generate
 
 pytestmark = pytest.mark.vllm
 
@@ -19,8 +19,17 @@ def offload(slots: int) -> dict:
     return {"enabled": True, "cache_slots": slots}
 
 
+# The coverage table's columns for the families whose rows this test provides (Qwen2-MoE's row
+# comes from tests/vllm/test_architectures.py, which runs it at the table's slot counts).
+COVERAGE = {
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen/Qwen3-30B-A3B (text model of Qwen3-VL-30B-A3B)",
+                  "softmax top-k, renormalised", "none"),
+    "mixtral": ("MixtralForCausalLM", "mistralai/Mixtral-8x7B-Instruct-v0.1", "softmax over the top-k logits", "none"),
+}
+
+
 @pytest.mark.parametrize("shape", ["qwen3_moe", "mixtral", "qwen2_moe"])
-def test_greedy_tokens_identical_at_every_cache_size(shape, tiny_models, tmp_path):
+def test_greedy_tokens_identical_at_every_cache_size(shape, tiny_models, tmp_path, request):
     model = tiny_models[shape]
     config = json.loads((model / "config.json").read_text())
     num_experts = config.get("num_experts") or config["num_local_experts"]
@@ -48,3 +57,10 @@ def test_greedy_tokens_identical_at_every_cache_size(shape, tiny_models, tmp_pat
     assert full["loads"] <= num_experts * num_layers
     assert full["evictions"] == 0
     assert full["hits"] + full["misses"] > 0
+    if shape in COVERAGE:
+        hf_class, example, routing, shared = COVERAGE[shape]
+        slots = "/".join(str(s) for s in sizes)
+        record_coverage("equivalence", shape, {
+            "hf_class": hf_class, "example": example, "modality": "text", "routing": routing, "shared_experts": shared,
+            "status": f"lossless at {slots} of {num_experts} slots (expertflow scheduling)",
+            "test": request.node.name, "test_file": "tests/vllm/test_offload_equivalence.py"})

@@ -26,8 +26,8 @@ from dataclasses import asdict
 
 import pytest
 
-from tests.vllm.conftest import REPO
-from tests.vllm.test_architectures import COVERAGE_DIR, Architecture, slot_counts
+from tests.vllm.conftest import REPO, record_coverage
+from tests.vllm.test_architectures import Architecture, slot_counts
 from vllm_expertflow.tiny_models import build_tiny_vlm
 
 pytestmark = pytest.mark.vllm
@@ -102,12 +102,8 @@ def probe_report(tmp_path_factory, request) -> dict[str, dict]:
 
 def record(arch: Architecture, status: str, test_name: str) -> None:
     """Add this architecture's outcome to the VLM coverage results (rendered by scripts/make_coverage_table.py)."""
-    COVERAGE_DIR.mkdir(parents=True, exist_ok=True)
-    path = COVERAGE_DIR / "vlm_architectures.json"
-    entries = json.loads(path.read_text()) if path.exists() else {}
-    entries[arch.shape] = {**asdict(arch), "status": status, "test": test_name,
-                           "test_file": "tests/vllm/test_vlm_architectures.py"}
-    path.write_text(json.dumps(entries, indent=1, sort_keys=True))
+    record_coverage("vlm_architectures", arch.shape, {**asdict(arch), "status": status, "test": test_name,
+                                                      "test_file": "tests/vllm/test_vlm_architectures.py"})
 
 
 @pytest.mark.parametrize("arch", VLM_ARCHITECTURES, ids=lambda a: a.shape)
