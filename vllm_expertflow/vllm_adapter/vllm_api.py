@@ -136,6 +136,9 @@ class MoEModelShape:
     quantization: str | None
     model_type: str | None  # the HF text config's model_type
     mla_on_cpu: bool  # MLA attention on vLLM-CPU (its rotary kernel is batch-variant)
+    # vLLM runs the model through its Transformers backend, whose MoE layers are its own class
+    # (TransformersRoutedExperts), not the RoutedExperts the plugin replaces: the class it uses, else None.
+    transformers_backend: str | None = None
 
 
 def moe_model_shape(vllm_config) -> MoEModelShape:
@@ -152,6 +155,8 @@ def moe_model_shape(vllm_config) -> MoEModelShape:
         model_type=getattr(model_config.hf_text_config, "model_type", None),
         mla_on_cpu=getattr(vllm_config.device_config.device, "type", None) == "cpu"
         and bool(getattr(model_config, "use_mla", False)),
+        transformers_backend=model_config._get_transformers_backend_cls()
+        if model_config.using_transformers_backend() else None,
     )
 
 
