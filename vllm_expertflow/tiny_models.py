@@ -517,14 +517,19 @@ def _vlm_chat_template(placeholder: str) -> str:
     )
 
 
+def _random_state(build_model, generator: torch.Generator, seed: int) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``build_model()`` with random weights (routers skewed), bf16."""
+    torch.manual_seed(seed)
+    model = build_model()
+    _skew_routers(model, generator)
+    return _saved_state(model.to(torch.bfloat16))
+
+
 def _text_state(config, generator: torch.Generator, seed: int) -> dict[str, torch.Tensor]:
     """A random text MoE's checkpoint tensors (routers skewed), bf16."""
     from transformers import AutoModelForCausalLM
 
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _skew_routers(model, generator)
-    return _saved_state(model.to(torch.bfloat16))
+    return _random_state(lambda: AutoModelForCausalLM.from_config(config, dtype=torch.float32), generator, seed)
 
 
 def _random_tensors(shapes: dict[str, tuple[int, ...]], generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -641,11 +646,7 @@ def _glm4v_moe(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, 
         image_start_token_id=ids["<|begin_of_image|>"], image_end_token_id=ids["<|end_of_image|>"],
         video_start_token_id=ids["<|begin_of_video|>"], video_end_token_id=ids["<|end_of_video|>"],
     )
-    torch.manual_seed(seed)
-    model = Glm4vMoeForConditionalGeneration(config)
-    _skew_routers(model, generator)
-    model.to(torch.bfloat16)
-    state = _saved_state(model)
+    state = _random_state(lambda: Glm4vMoeForConditionalGeneration(config), generator, seed)
     config.architectures = ["Glm4vMoeForConditionalGeneration"]
     config.dtype = "bfloat16"
     # At most 64 merged patches an image: vLLM's profiling image then fits max_model_len.
@@ -670,11 +671,7 @@ def _llama4(tokenizer, generator: torch.Generator, seed: int) -> tuple[dict, dic
                   patch_size=14, pixel_shuffle_ratio=0.5)
     config = Llama4Config(text_config=text, vision_config=vision, boi_token_index=ids["<|image_start|>"],
                           eoi_token_index=ids["<|image_end|>"], image_token_index=ids["<|patch|>"])
-    torch.manual_seed(seed)
-    model = Llama4ForConditionalGeneration(config)
-    _skew_routers(model, generator)
-    model.to(torch.bfloat16)
-    state = _saved_state(model)
+    state = _random_state(lambda: Llama4ForConditionalGeneration(config), generator, seed)
     config.architectures = ["Llama4ForConditionalGeneration"]
     config.dtype = "bfloat16"
     processor = Llama4Processor(image_processor=Llama4ImageProcessor(size={"height": tile, "width": tile},

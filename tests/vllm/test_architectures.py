@@ -92,23 +92,28 @@ def slot_counts(arch: Architecture) -> list[int]:
     return sorted({arch.top_k, max(arch.top_k, arch.num_experts // 4), arch.num_experts // 2})
 
 
-@pytest.fixture(scope="module")
-def probe_report(tmp_path_factory, request) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("architectures")
+def run_probe(probe: str, architectures: list[Architecture], build, root, request) -> dict[str, dict]:
+    """Run ``probe`` on the architectures this session selected, built by ``build(shape, dir)``: shape -> report."""
     # Only the architectures this session runs (-k phimoe starts one model, not all).
     selected = {item.callspec.params["arch"].shape for item in request.session.items
                 if hasattr(item, "callspec") and "arch" in item.callspec.params}
     cases = [
-        {"shape": a.shape, "model": str(build_tiny_moe(a.shape, root / a.shape)), "slots": slot_counts(a),
+        {"shape": a.shape, "model": str(build(a.shape, root / a.shape)), "slots": slot_counts(a),
          "scheduling": a.scheduling}
-        for a in ARCHITECTURES if a.shape in selected
+        for a in architectures if a.shape in selected
     ]
     cases_file, out = root / "cases.json", root / "report.json"
     cases_file.write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, "tests/vllm/architecture_probe.py", str(cases_file), str(out)],
+    proc = subprocess.run([sys.executable, probe, str(cases_file), str(out)],
                           cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=1800)
     assert out.exists(), f"probe wrote no report ({proc.returncode}):\n{proc.stderr[-6000:]}"
     return {entry["shape"]: entry for entry in json.loads(out.read_text())}
+
+
+@pytest.fixture(scope="module")
+def probe_report(tmp_path_factory, request) -> dict[str, dict]:
+    return run_probe("tests/vllm/architecture_probe.py", ARCHITECTURES, build_tiny_moe,
+                     tmp_path_factory.mktemp("architectures"), request)
 
 
 def record(arch: Architecture, status: str, test_name: str) -> None:

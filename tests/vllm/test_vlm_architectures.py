@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import json
-import os
-import subprocess
-import sys
 from dataclasses import asdict
 
 import pytest
 
-from tests.vllm.conftest import REPO, record_coverage
-from tests.vllm.test_architectures import Architecture, slot_counts
+from tests.vllm.conftest import record_coverage
+from tests.vllm.test_architectures import Architecture, run_probe, slot_counts
 from vllm_expertflow.tiny_models import build_tiny_vlm
 
 pytestmark = pytest.mark.vllm
@@ -84,20 +80,8 @@ NOT_RUNNABLE = [
 
 @pytest.fixture(scope="module")
 def probe_report(tmp_path_factory, request) -> dict[str, dict]:
-    root = tmp_path_factory.mktemp("vlm-architectures")
-    selected = {item.callspec.params["arch"].shape for item in request.session.items
-                if hasattr(item, "callspec") and "arch" in item.callspec.params}
-    cases = [
-        {"shape": a.shape, "model": str(build_tiny_vlm(a.shape, root / a.shape)), "slots": slot_counts(a),
-         "scheduling": a.scheduling}
-        for a in VLM_ARCHITECTURES if a.shape in selected
-    ]
-    cases_file, out = root / "cases.json", root / "report.json"
-    cases_file.write_text(json.dumps(cases))
-    proc = subprocess.run([sys.executable, "tests/vllm/vlm_architecture_probe.py", str(cases_file), str(out)],
-                          cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=1800)
-    assert out.exists(), f"probe wrote no report ({proc.returncode}):\n{proc.stderr[-6000:]}"
-    return {entry["shape"]: entry for entry in json.loads(out.read_text())}
+    return run_probe("tests/vllm/vlm_architecture_probe.py", VLM_ARCHITECTURES, build_tiny_vlm,
+                     tmp_path_factory.mktemp("vlm-architectures"), request)
 
 
 def record(arch: Architecture, status: str, test_name: str) -> None:
